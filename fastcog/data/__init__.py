@@ -1,0 +1,1 @@
+"""Datasets, decoding and the latent/embedding cache."""

@@ -1,0 +1,33 @@
+from setuptools import setup
+
+# kernels/ is shipped as fastcog.kernels: a top-level package called `kernels` would
+# collide with the PyPI package of that name, which diffusers and transformers probe for.
+setup(
+    name="fastcog",
+    version="0.1.0",
+    description="Fast, trustworthy LoRA / full fine-tuning for CogVideoX video diffusion models",
+    python_requires=">=3.10",
+    packages=["fastcog", "fastcog.data", "fastcog.kernels"],
+    package_dir={"fastcog": "fastcog", "fastcog.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.11",
+        "triton>=3.6",
+        "diffusers>=0.32",
+        "transformers>=4.46",
+        "peft>=0.13",
+        "accelerate>=0.34",
+        "safetensors",
+        "sentencepiece",
+        "av>=12",
+        "numpy",
+        "pyyaml",
+        "tqdm",
+        "tensorboard",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "ruff"],
+        "wandb": ["wandb"],
+        "flash": ["flash-attn"],
+    },
+    entry_points={"console_scripts": ["fastcog=fastcog.cli:main"]},
+)

@@ -1,0 +1,35 @@
+"""Test-wide setup.
+
+Triton kernels run under the interpreter on machines without a GPU. TRITON_INTERPRET must be
+set before any module that defines a @triton.jit kernel is imported, so it is set here, at
+collection time, before the tests import fastcog.kernels.
+"""
+
+import os
+
+import pytest
+
+try:
+    import torch
+
+    _HAS_CUDA = torch.cuda.is_available()
+except ImportError:  # pragma: no cover - torch is a hard dependency
+    _HAS_CUDA = False
+
+if not _HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (tier 2); run with -m gpu")
+    config.addinivalue_line("markers", "slow: takes more than a few seconds on CPU")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # GPU tests are reported as skipped with a reason, never silently dropped.
+    if _HAS_CUDA:
+        return
+    skip_gpu = pytest.mark.skip(reason="tier-2 GPU test: no CUDA device here (run with -m gpu on a GPU)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
