@@ -1,0 +1,7 @@
+"""`python -m fastcog ...` (what torchrun launches with -m)."""
+
+import sys
+
+from fastcog.cli import main
+
+sys.exit(main())

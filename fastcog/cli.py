@@ -1,0 +1,81 @@
+"""`fastcog train | make-tiny` : parse, load config, call. Nothing else lives here."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from fastcog.errors import FastcogError
+
+
+def _quiet_libraries() -> None:
+    # diffusers / transformers print per-file progress bars and advice on every load; the
+    # trainer shows its own progress.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from fastcog.config import load_config
+    from fastcog.trainer import train
+
+    cfg = load_config(args.config, args.set or ())
+    _quiet_libraries()
+    summary = train(cfg)
+    print("\n".join(summary.lines()))
+    return 0
+
+
+def _cmd_make_tiny(args: argparse.Namespace) -> int:
+    from fastcog.models import make_tiny
+
+    _quiet_libraries()
+    out = make_tiny(args.variant, args.out_dir, seed=args.seed, height=args.height, width=args.width,
+                    frames=args.frames)
+    print(f"wrote a tiny random {args.variant} checkpoint to {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from fastcog.variants import VARIANTS
+
+    parser = argparse.ArgumentParser(prog="fastcog", description="Fast CogVideoX fine-tuning.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="train from a YAML config")
+    p.add_argument("config", help="path to a YAML config (see configs/)")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                   help="override a config value, e.g. --set train.train_steps=10 (repeatable)")
+    p.set_defaults(func=_cmd_train)
+    p = sub.add_parser("make-tiny", help="write a tiny random diffusers checkpoint of a variant")
+    p.add_argument("variant", choices=VARIANTS)
+    p.add_argument("out_dir")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--height", type=int, default=64)
+    p.add_argument("--width", type=int, default=96)
+    p.add_argument("--frames", type=int, default=9)
+    p.set_defaults(func=_cmd_make_tiny)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except FastcogError as err:
+        print(f"fastcog: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fastcog: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,205 @@
+"""Latent and text-embedding cache: encode once before training, read every step after.
+
+Each cached item is one safetensors file whose name is a hash of everything that changes its
+content (REFERENCE.md bug 3: the reference keys on the file name only): the model folder and
+its component configs, the compute dtype, the resolution and frame count, the sampling and
+resize modes, and the source file's absolute path, size and mtime (or the prompt text).
+A file is written under a temporary name and renamed into place, so an item that exists is
+complete: a run killed part-way resumes by encoding only what is missing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from fastcog.data.listfile import Sample
+
+CACHE_FORMAT = 1  # bump when the stored layout changes: old items are then simply not found
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """What, besides the source file, determines a cached item's content."""
+
+    model_fingerprint: str
+    dtype: str
+    num_frames: int
+    height: int
+    width: int
+    sampling: str = "reference"
+    resize: str = "stretch"
+
+
+@dataclass(frozen=True)
+class CachedItem:
+    """Paths of one training sample's cached tensors."""
+
+    latents: Path
+    prompt_embeds: Path
+    image: Path | None = None
+
+
+def model_fingerprint(model_path: Path) -> str:
+    """Hash of the model folder's path and the configs of the components that encode."""
+    h = hashlib.sha256(str(model_path.resolve()).encode())
+    for part in ("vae/config.json", "text_encoder/config.json", "tokenizer/tokenizer_config.json"):
+        f = model_path / part
+        h.update(f.read_bytes() if f.is_file() else b"-")
+        weights = sorted((model_path / part).parent.glob("*.safetensors"))
+        for w in weights:
+            st = w.stat()
+            h.update(f"{w.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def _digest(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def _file_identity(path: Path) -> list[Any]:
+    st = path.stat()
+    return [str(path.resolve()), st.st_size, st.st_mtime_ns]
+
+
+def video_key(spec: CacheSpec, video: Path) -> str:
+    return _digest(CACHE_FORMAT, "video", spec.__dict__, _file_identity(video))
+
+
+def image_key(spec: CacheSpec, source: Path, from_video: bool) -> str:
+    return _digest(CACHE_FORMAT, "image", spec.__dict__, _file_identity(source), from_video)
+
+
+def prompt_key(spec: CacheSpec, prompt: str) -> str:
+    return _digest(CACHE_FORMAT, "prompt", spec.model_fingerprint, spec.dtype, prompt)
+
+
+def save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Write safetensors to a temporary name, then rename: a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+class Encoder:
+    """VAE + T5 encoding as the reference does it (one frozen latent sample, padded T5)."""
+
+    def __init__(self, vae: Any, text_encoder: Any, tokenizer: Any, max_text_len: int, device: torch.device,
+                 vae_slicing: bool = False, vae_tiling: bool = False) -> None:
+        self.vae, self.text_encoder, self.tokenizer = vae, text_encoder, tokenizer
+        self.max_text_len = max_text_len
+        self.device = device
+        if vae_slicing:
+            vae.enable_slicing()
+        if vae_tiling:
+            vae.enable_tiling()
+
+    @torch.no_grad()
+    def encode_video(self, frames: torch.Tensor) -> torch.Tensor:
+        """[F, 3, H, W] in [-1, 1] -> scaled latents [C, F', H/8, W/8]."""
+        x = frames.to(self.device, self.vae.dtype).permute(1, 0, 2, 3).unsqueeze(0)  # [1, 3, F, H, W]
+        latents = self.vae.encode(x).latent_dist.sample() * self.vae.config.scaling_factor
+        return latents[0]
+
+    @torch.no_grad()
+    def encode_prompt(self, prompt: str) -> torch.Tensor:
+        """Caption -> [max_text_len, D] T5 embedding (padded, no attention mask: as the reference)."""
+        ids = self.tokenizer(
+            prompt, padding="max_length", max_length=self.max_text_len, truncation=True,
+            add_special_tokens=True, return_tensors="pt",
+        ).input_ids.to(self.device)
+        return self.text_encoder(ids)[0][0]
+
+
+def prepare_cache(
+    samples: Sequence[Sample],
+    cache_dir: Path,
+    spec: CacheSpec,
+    encoder: Encoder | None,
+    need_images: bool,
+    show_progress: bool = True,
+) -> tuple[list[CachedItem], dict[str, int]]:
+    """Make sure every sample is cached; encode what is missing. Returns items and counts.
+
+    `encoder` may be None when the caller knows (or wants to check) that everything is
+    cached already; a missing item then raises.
+    """
+    from fastcog.data.video import decode_video, first_frame, load_image
+
+    items: list[CachedItem] = []
+    counts = {"encoded": 0, "reused": 0}
+    bar = tqdm(samples, desc="caching latents", unit="clip", disable=not show_progress, dynamic_ncols=True)
+    for sample in bar:
+        lat = cache_dir / "latents" / f"{video_key(spec, sample.video)}.safetensors"
+        emb = cache_dir / "prompts" / f"{prompt_key(spec, sample.caption)}.safetensors"
+        img = None
+        if need_images:
+            source = sample.image or sample.video
+            img = cache_dir / "images" / f"{image_key(spec, source, sample.image is None)}.safetensors"
+        todo = [p for p in (lat, emb, img) if p is not None and not p.is_file()]
+        if todo and encoder is None:
+            raise FileNotFoundError(f"{todo[0]} is not cached and no encoder was given")
+        if not lat.is_file():
+            frames = decode_video(sample.video, spec.num_frames, spec.height, spec.width, spec.sampling, spec.resize)
+            save_atomic({"latents": encoder.encode_video(frames)}, lat)
+        if not emb.is_file():
+            save_atomic({"prompt_embeds": encoder.encode_prompt(sample.caption)}, emb)
+        if img is not None and not img.is_file():
+            if sample.image is not None:
+                image = load_image(sample.image, spec.height, spec.width)
+            else:
+                image = first_frame(sample.video, spec.height, spec.width)
+            save_atomic({"image": image}, img)
+        counts["encoded" if todo else "reused"] += 1
+        items.append(CachedItem(lat, emb, img))
+    _write_manifest(cache_dir, spec, samples, items)
+    return items, counts
+
+
+def _write_manifest(cache_dir: Path, spec: CacheSpec, samples: Sequence[Sample], items: list[CachedItem]) -> None:
+    manifest = {
+        "format": CACHE_FORMAT,
+        "spec": spec.__dict__,
+        "items": [
+            {
+                "video": str(s.video), "caption": s.caption, "image": None if s.image is None else str(s.image),
+                "latents": it.latents.name, "prompt_embeds": it.prompt_embeds.name,
+                "image_cache": None if it.image is None else it.image.name,
+            }
+            for s, it in zip(samples, items)
+        ],
+    }
+    tmp = cache_dir / f".manifest.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, cache_dir / "manifest.json")
+
+
+class CachedDataset(torch.utils.data.Dataset):
+    """Reads cached tensors; yields the batch dict the objective takes (without the batch dim)."""
+
+    def __init__(self, items: Sequence[CachedItem], dtype: torch.dtype) -> None:
+        self.items = list(items)
+        self.dtype = dtype
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        it = self.items[index]
+        out = {
+            "latents": load_file(str(it.latents))["latents"].to(self.dtype),
+            "prompt_embeds": load_file(str(it.prompt_embeds))["prompt_embeds"].to(self.dtype),
+        }
+        if it.image is not None:
+            out["images"] = load_file(str(it.image))["image"].to(self.dtype)
+        return out

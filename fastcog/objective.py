@@ -1,0 +1,164 @@
+"""The diffusion training objective (REFERENCE.md, "Scheduler and objective").
+
+`ReferenceObjective` computes the loss exactly as the reference trainer's `compute_loss` does,
+with the diffusers scheduler's own `add_noise` / `get_velocity` and the global RNG, so that its
+losses are the parity target for every faster path. The RNG draws happen in one fixed order
+(I2V: image-noise sigma, image noise, VAE sample; then timesteps; then latent noise); a
+fused objective must make the same draws in the same order to give the same loss.
+
+Batch layout (what the data pipeline yields):
+  latents        [B, C, F, H, W]  VAE latents, already multiplied by the VAE scaling factor
+  prompt_embeds  [B, L, D]        T5 embeddings, padded to the transformer's max_text_seq_length
+  images         [B, 3, H*8, W*8] I2V only: the conditioning image in [-1, 1]
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from fastcog.variants import VariantSpec
+
+
+def vae_spatial_factor(vae_config: Any) -> int:
+    """Pixels per latent cell: 2 ** (number of VAE blocks - 1), as the reference computes it."""
+    return 2 ** (len(vae_config.block_out_channels) - 1)
+
+
+def pad_latent_frames(latents: torch.Tensor, patch_size_t: int | None) -> torch.Tensor:
+    """CogVideoX 1.5: prepend copies of latent frame 0 so F divides by patch_size_t.
+
+    latents [B, C, F, H, W]. The reference prepends `F % patch_t` copies, which makes F a
+    multiple of patch_t only for patch_t = 2 (the one value used); kept as written.
+    """
+    if patch_size_t is None:
+        return latents
+    ncopy = latents.shape[2] % patch_size_t
+    if ncopy == 0:
+        return latents
+    first = latents[:, :, :1]
+    return torch.cat([first.repeat(1, 1, ncopy, 1, 1), latents], dim=2)
+
+
+class RotaryCache:
+    """3D RoPE (cos, sin) for a latent grid, computed once per shape and device.
+
+    The reference recomputes it every step; it depends only on (F, H, W), so caching gives
+    the same tensors without the per-step cost.
+    """
+
+    def __init__(self, variant: VariantSpec) -> None:
+        self.variant = variant
+        self._cache: dict[tuple[int, int, int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, frames: int, height: int, width: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """frames, height, width: latent grid size (after 1.5 frame padding)."""
+        from diffusers.models.embeddings import get_3d_rotary_pos_embed
+
+        key = (frames, height, width, str(device))
+        if key not in self._cache:
+            v = self.variant
+            grid_h, grid_w = height // v.patch_size, width // v.patch_size
+            temporal = frames if v.patch_size_t is None else (frames + v.patch_size_t - 1) // v.patch_size_t
+            cos, sin = get_3d_rotary_pos_embed(
+                embed_dim=v.attention_head_dim,
+                crops_coords=None,
+                grid_size=(grid_h, grid_w),
+                temporal_size=temporal,
+                grid_type="slice",
+                max_size=(grid_h, grid_w),
+                device=device,
+            )
+            self._cache[key] = (cos, sin)
+        return self._cache[key]
+
+
+class ReferenceObjective:
+    """The reference trainer's loss: diffusers scheduler ops, eager, global RNG."""
+
+    def __init__(
+        self,
+        variant: VariantSpec,
+        scheduler: Any,
+        vae: Any = None,
+        i2v_image_scale: str = "pipeline",
+    ) -> None:
+        if variant.is_i2v and vae is None:
+            raise ValueError("an I2V objective needs the VAE: the conditioning image is encoded every step")
+        self.variant = variant
+        self.scheduler = scheduler
+        self.vae = vae
+        self.i2v_image_scale = i2v_image_scale
+        self.num_train_timesteps = int(scheduler.config.num_train_timesteps)
+        self.rotary = RotaryCache(variant) if variant.use_rope else None
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] in [-1, 1] -> noisy-image latents [B, 1, C, h, w] (the I2V condition).
+
+        Pixel noise sigma = exp(N(-3, 0.5)), one scalar for the batch, then a VAE sample.
+        CogVideoX 1.5's VAE has invert_scale_latents: the diffusers pipeline then *divides* the
+        image latents by the scale at inference, while the reference trainer multiplies
+        (REFERENCE.md, bug 2); `i2v_image_scale` picks which.
+        """
+        vae = self.vae
+        images = images.unsqueeze(2)  # [B, 3, 1, H, W]
+        sigma = torch.exp(torch.normal(mean=-3.0, std=0.5, size=(1,), device=images.device)).to(images.dtype)
+        noisy = images + torch.randn_like(images) * sigma[:, None, None, None, None]
+        sample = vae.encode(noisy.to(vae.dtype)).latent_dist.sample()
+        scale = vae.config.scaling_factor
+        if getattr(vae.config, "invert_scale_latents", False) and self.i2v_image_scale == "pipeline":
+            latents = sample / scale
+        else:
+            latents = sample * scale
+        return latents.permute(0, 2, 1, 3, 4)
+
+    def rotary_emb(self, latents_bfchw: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+        if self.rotary is None:
+            return None
+        _, f, _, h, w = latents_bfchw.shape
+        return self.rotary(f, h, w, latents_bfchw.device)
+
+    def __call__(self, transformer: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The per-batch loss (a 0-dim tensor, float64 as in the reference: w is float64)."""
+        v = self.variant
+        latents = batch["latents"]
+        image_latents = self.encode_image(batch["images"]) if v.is_i2v else None
+
+        latents = pad_latent_frames(latents, v.patch_size_t)
+        batch_size = latents.shape[0]
+        prompt_embeds = batch["prompt_embeds"].to(latents.dtype)
+        latents = latents.permute(0, 2, 1, 3, 4)  # [B, F, C, H, W]
+
+        timesteps = torch.randint(0, self.num_train_timesteps, (batch_size,), device=latents.device).long()
+        noise = torch.randn_like(latents)
+        noisy = self.scheduler.add_noise(latents, noise, timesteps)
+
+        model_input = noisy
+        if image_latents is not None:
+            pad = image_latents.new_zeros((batch_size, latents.shape[1] - 1, *image_latents.shape[2:]))
+            model_input = torch.cat([noisy, torch.cat([image_latents, pad], dim=1)], dim=2)
+        ofs = latents.new_full((1,), 2.0) if v.uses_ofs else None
+
+        v_hat = transformer(
+            hidden_states=model_input,
+            encoder_hidden_states=prompt_embeds,
+            timestep=timesteps,
+            ofs=ofs,
+            image_rotary_emb=self.rotary_emb(latents),
+            return_dict=False,
+        )[0]
+        return velocity_loss_from_scheduler(self.scheduler, v_hat, noisy, latents, timesteps)
+
+
+def velocity_loss_from_scheduler(
+    scheduler: Any, v_hat: torch.Tensor, noisy: torch.Tensor, latents: torch.Tensor, timesteps: torch.Tensor
+) -> torch.Tensor:
+    """REFERENCE.md step 8 with the scheduler's own get_velocity, as the reference computes it."""
+    z0_hat = scheduler.get_velocity(v_hat, noisy, timesteps)
+    abar = scheduler.alphas_cumprod.to(timesteps.device)[timesteps]
+    weights = 1 / (1 - abar)
+    while weights.ndim < z0_hat.ndim:
+        weights = weights.unsqueeze(-1)
+    per_sample = torch.mean((weights * (z0_hat - latents) ** 2).reshape(latents.shape[0], -1), dim=1)
+    return per_sample.mean()

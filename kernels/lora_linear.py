@@ -1,0 +1,447 @@
+"""Fused base + LoRA linear layer, forward and backward, in Triton.
+
+Math (s = LoRA scale, usually alpha / r)::
+
+    x  [M, in]   (any leading dims are flattened into M; strides are honoured, no copy)
+    W  [out, in] b [out] (optional)   A [r, in]   B [out, r]
+
+    forward    S' = s * (x @ A.T)                        [M, r]    saved for backward
+               y  = x @ W.T + S' @ B.T + b                [M, out]
+    backward   G' = s * (dy @ B)                         [M, r]    computed once, used twice
+               dx = dy @ W + G' @ A                       [M, in]
+               dA = G'.T @ x         (= s (dy @ B).T x)   [r, in]
+               dB = dy.T @ S'        (= s dy.T (x A.T))   [out, r]
+               dW = dy.T @ x, db = sum_M dy               only when W / b require grad
+
+Fusion. One generic kernel computes ``C = alpha * (A1 @ B1 + A2 @ B2) + bias`` with fp32
+accumulation; every product above is one launch of it:
+
+* the LoRA up-projection is folded into the base GEMM as extra K iterations: after the
+  ``in``-long loop over x @ W.T the same accumulator runs an ``r``-long loop over S' @ B.T,
+  and the bias is added in the epilogue. The LoRA output never exists as an [M, out] tensor.
+* dx is the same kernel on (dy, W) and (G', A): the LoRA part of the input gradient costs
+  r extra K iterations instead of an [M, in] temporary and an add.
+* S' and G' carry the scale (applied once, in the fp32 epilogue of the rank-wide GEMM), so
+  the fused loops need no second accumulator and dA, dB need no scaling pass.
+* S' = s x A.T is saved from the forward, never recomputed; G' = s dy @ B is computed once.
+* A frozen base never computes dW / db (the autograd layer asks only for the gradients that
+  ``needs_input_grad`` flags).
+* The weight-gradient GEMMs (dA, dB, dW) reduce over M (17,776 tokens at 49x480x720) but have
+  few output tiles (r x in), so they split K over extra programs into an fp32 buffer summed in
+  fixed order afterwards: deterministic, no atomics.
+
+Block sizes. Under the interpreter one fixed config (32 x 32 x 32, GROUP_M 4) runs: small
+enough that the odd test shapes cross several tiles and exercise every mask. On a GPU the
+kernel is autotuned over five configs taken from the usual Hopper/Ampere starting points
+(128x128x64 / 8 warps / 3 stages and neighbours). They are NOT yet swept or measured on a
+GPU (no GPU in the session that wrote this); nor is the split-K heuristic. Treat them as
+placeholders until bench/kernels.py has been run on the target machine.
+
+Layers: ``_fused_mm_kernel`` (Triton) -> ``fused_mm`` (launcher) -> ``lora_linear_fwd`` /
+``lora_linear_bwd`` (torch.library custom ops with fake impls and registered autograd, so
+torch.compile(fullgraph=True) traces through without a graph break) -> ``lora_linear``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import INTERPRET, UPCAST, check_device, empty, to_out_dtype
+
+__all__ = ["lora_linear", "fused_mm"]
+
+
+# --------------------------------------------------------------------------- kernel
+
+
+@triton.jit
+def _accumulate(
+    acc,
+    a_ptr,
+    b_ptr,
+    rows,
+    cols,
+    mask_m,
+    mask_n,
+    k_lo,
+    k_hi,
+    stride_am,
+    stride_ak,
+    stride_bk,
+    stride_bn,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """acc += A[rows, k_lo:k_hi] @ B[k_lo:k_hi, cols], fp32 accumulator."""
+    offs_k = tl.arange(0, BLOCK_K)
+    # 64-bit offsets: M * stride overflows int32 at video shapes (17,776 x 12,288 x batch).
+    k_start = tl.cast(k_lo, tl.int64)
+    a_ptrs = a_ptr + rows[:, None] * stride_am + (k_start + offs_k[None, :]) * stride_ak
+    b_ptrs = b_ptr + (k_start + offs_k[:, None]) * stride_bk + cols[None, :] * stride_bn
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        mask_k = (k0 + offs_k) < k_hi
+        a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        if UPCAST:  # interpreter: bf16 arithmetic is wrong there (see _common)
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    return acc
+
+
+@triton.jit
+def _fused_mm_kernel(
+    a1_ptr,
+    b1_ptr,
+    a2_ptr,
+    b2_ptr,
+    bias_ptr,
+    c_ptr,
+    M,
+    N,
+    K1,
+    K2,
+    stride_a1m,
+    stride_a1k,
+    stride_b1k,
+    stride_b1n,
+    stride_a2m,
+    stride_a2k,
+    stride_b2k,
+    stride_b2n,
+    stride_cs,
+    stride_cm,
+    stride_cn,
+    alpha,
+    HAS_SECOND: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """C[split] = alpha * (A1 @ B1 + A2 @ B2) + bias; B operands are [K, N] views (any strides).
+
+    Axis 0 walks output tiles in GROUP_M-row super-groups (consecutive programs share the
+    same B1 columns, for L2 reuse); axis 1 is the split-K index (the launcher only splits
+    single-product calls, so the second loop never runs split).
+    """
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    rows = offs_m.to(tl.int64)
+    cols = offs_n.to(tl.int64)
+
+    # This program's share of K1, in whole BLOCK_K tiles.
+    tiles_per_split = tl.cdiv(tl.cdiv(K1, BLOCK_K), SPLIT_K)
+    k_lo = pid_k * tiles_per_split * BLOCK_K
+    k_hi = tl.minimum(K1, k_lo + tiles_per_split * BLOCK_K)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = _accumulate(
+        acc, a1_ptr, b1_ptr, rows, cols, mask_m, mask_n, k_lo, k_hi,
+        stride_a1m, stride_a1k, stride_b1k, stride_b1n, UPCAST, DOT_PRECISION, BLOCK_K,
+    )  # fmt: skip
+    if HAS_SECOND:
+        # The fused LoRA term: extra K iterations on the same accumulator.
+        acc = _accumulate(
+            acc, a2_ptr, b2_ptr, rows, cols, mask_m, mask_n, 0, K2,
+            stride_a2m, stride_a2k, stride_b2k, stride_b2n, UPCAST, DOT_PRECISION, BLOCK_K,
+        )  # fmt: skip
+    acc = acc * alpha
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + cols, mask=mask_n, other=0.0).to(tl.float32)
+        acc = acc + bias[None, :]
+
+    c_ptrs = c_ptr + pid_k.to(tl.int64) * stride_cs + rows[:, None] * stride_cm + cols[None, :] * stride_cn
+    tl.store(
+        c_ptrs,
+        to_out_dtype(acc, c_ptr.dtype.element_ty, UPCAST),
+        mask=mask_m[:, None] & mask_n[None, :],
+    )
+
+
+# One fixed config under the interpreter (autotune would need a CPU timer there); on a GPU a
+# small autotune set. NOT swept on a GPU yet -- see the module docstring.
+if INTERPRET:
+    _CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4})]
+else:
+    _CONFIGS = [
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+    ]
+
+_fused_mm_tuned = triton.autotune(
+    configs=_CONFIGS, key=["M", "N", "K1", "K2", "HAS_SECOND", "HAS_BIAS", "SPLIT_K"]
+)(_fused_mm_kernel)
+
+
+# --------------------------------------------------------------------------- launcher
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # interpreter: any small number; only decides whether split-K is exercised
+
+
+def pick_split_k(m: int, n: int, k: int, device: torch.device) -> int:
+    """Split the reduction when the output has too few tiles to fill the machine.
+
+    Heuristic (unmeasured): aim for about one program per SM using 128 x 128 tiles, keep at
+    least 4 BLOCK_K=64 tiles (256 elements of K) per split, at most 16 splits.
+    """
+    tiles = triton.cdiv(m, 128) * triton.cdiv(n, 128)
+    sms = _num_sms(device)
+    if tiles >= sms:
+        return 1
+    return max(1, min(16, sms // tiles, k // 256))
+
+
+def fused_mm(
+    a1: torch.Tensor,
+    b1: torch.Tensor,
+    a2: torch.Tensor | None = None,
+    b2: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    alpha: float = 1.0,
+    split_k: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``alpha * (a1 @ b1 + a2 @ b2) + bias`` in one kernel launch (fp32 accumulation).
+
+    a1 [M, K1], b1 [K1, N], a2 [M, K2], b2 [K2, N]: any strides (pass ``w.t()`` views, never
+    copies). Output in a1's dtype, contiguous, or written into ``out`` ([M, N], any strides).
+    ``split_k`` (single product only) None = heuristic.
+    """
+    check_device(a1, b1)
+    m, k1 = a1.shape
+    n = b1.shape[1]
+    assert b1.shape[0] == k1, (a1.shape, b1.shape)
+    has_second = a2 is not None
+    if has_second:
+        assert b2 is not None and a2.shape[0] == m and b2.shape == (a2.shape[1], n), (a2.shape, b2.shape)
+        k2 = a2.shape[1]
+    else:
+        a2, b2, k2 = a1, b1, 0  # dummies, never read (HAS_SECOND=False)
+    dtype = a1.dtype
+    if out is None:
+        out = empty((m, n), dtype=dtype, device=a1.device)
+    if m == 0 or n == 0:
+        return out
+    if split_k is None:
+        split_k = 1 if has_second else pick_split_k(m, n, k1, a1.device)
+    if has_second or k1 == 0:
+        split_k = 1
+
+    if split_k > 1:
+        # fp32 partials [split, M, N], summed below in a fixed order (deterministic).
+        c = empty((split_k, m, n), dtype=torch.float32, device=a1.device)
+        stride_cs, stride_cm, stride_cn = c.stride()
+    else:
+        c = out
+        stride_cs, (stride_cm, stride_cn) = 0, out.stride()
+
+    def grid(meta: dict) -> tuple[int, int]:
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), split_k)
+
+    _fused_mm_tuned[grid](
+        a1, b1, a2, b2, bias if bias is not None else a1, c,
+        m, n, k1, k2,
+        a1.stride(0), a1.stride(1), b1.stride(0), b1.stride(1),
+        a2.stride(0), a2.stride(1), b2.stride(0), b2.stride(1),
+        stride_cs, stride_cm, stride_cn,
+        float(alpha),
+        HAS_SECOND=has_second,
+        HAS_BIAS=bias is not None,
+        SPLIT_K=split_k,
+        UPCAST=UPCAST,
+        # fp32 operands: IEEE products, to match torch (which does not use TF32 by default).
+        DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
+    )  # fmt: skip
+    if split_k > 1:
+        out.copy_(c.sum(dim=0))
+    return out
+
+
+def _lora_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    s = fused_mm(x, lora_a.t(), alpha=scale)  # S' = s x A.T   [M, r]
+    y = fused_mm(x, weight.t(), s, lora_b.t(), bias=bias)  # x W.T + S' B.T + b
+    return y, s
+
+
+def _lora_backward(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    s: torch.Tensor,
+    scale: float,
+    need_x: bool,
+    need_w: bool,
+    need_bias: bool,
+    need_a: bool,
+    need_b: bool,
+) -> tuple[torch.Tensor, ...]:
+    # Custom ops cannot return None, and their outputs may not alias each other: a fresh
+    # empty tensor per output means "not computed".
+    dx, dw, db, da, dbb = (dy.new_empty(0) for _ in range(5))
+    if need_x or need_a:
+        g = fused_mm(dy, lora_b, alpha=scale)  # G' = s dy @ B   [M, r], once
+        if need_x:
+            dx = fused_mm(dy, weight, g, lora_a)  # dy @ W + G' @ A
+        if need_a:
+            da = fused_mm(g.t(), x)  # G'.T @ x
+    if need_b:
+        dbb = fused_mm(dy.t(), s)  # dy.T @ S'
+    if need_w:
+        dw = fused_mm(dy.t(), x)
+    if need_bias:
+        db = dy.sum(dim=0, dtype=torch.float32).to(dy.dtype)
+    return dx, dw, db, da, dbb
+
+
+# --------------------------------------------------------------------------- custom ops + autograd
+
+
+@torch.library.custom_op(
+    "fastcog::lora_linear_fwd",
+    mutates_args=(),
+    schema="(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, float scale)"
+    " -> (Tensor, Tensor)",
+)
+def lora_linear_fwd(x, weight, bias, lora_a, lora_b, scale):
+    return _lora_forward(x, weight, bias, lora_a, lora_b, scale)
+
+
+@lora_linear_fwd.register_fake
+def _(x, weight, bias, lora_a, lora_b, scale):
+    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_a.shape[0])
+
+
+@torch.library.custom_op(
+    "fastcog::lora_linear_bwd",
+    mutates_args=(),
+    schema="(Tensor dy, Tensor x, Tensor weight, Tensor lora_a, Tensor lora_b, Tensor s, float scale,"
+    " bool need_x, bool need_w, bool need_bias, bool need_a, bool need_b)"
+    " -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+)
+def lora_linear_bwd(dy, x, weight, lora_a, lora_b, s, scale, need_x, need_w, need_bias, need_a, need_b):
+    return _lora_backward(dy, x, weight, lora_a, lora_b, s, scale, need_x, need_w, need_bias, need_a, need_b)
+
+
+@lora_linear_bwd.register_fake
+def _(dy, x, weight, lora_a, lora_b, s, scale, need_x, need_w, need_bias, need_a, need_b):
+    def maybe(flag: bool, *shape: int) -> torch.Tensor:
+        return dy.new_empty(shape) if flag else dy.new_empty(0)
+
+    return (
+        maybe(need_x, *x.shape),
+        maybe(need_w, *weight.shape),
+        maybe(need_bias, weight.shape[0]),
+        maybe(need_a, *lora_a.shape),
+        maybe(need_b, *lora_b.shape),
+    )
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, bias, lora_a, lora_b, scale = inputs
+    _, s = output
+    # weight is saved by reference only (it is a parameter): no extra memory. Only S' (rank
+    # wide) is a new activation; the output y is not saved.
+    ctx.save_for_backward(x, weight, lora_a, lora_b, s)
+    ctx.scale = scale
+    ctx.has_bias = bias is not None
+    ctx.mark_non_differentiable(s)
+
+
+def _backward(ctx, dy, _ds):
+    x, weight, lora_a, lora_b, s = ctx.saved_tensors
+    need_x, need_w, need_bias, need_a, need_b, _ = ctx.needs_input_grad
+    need_bias = bool(need_bias and ctx.has_bias)
+    dx, dw, db, da, dbb = lora_linear_bwd(
+        dy, x, weight, lora_a, lora_b, s, ctx.scale, need_x, need_w, need_bias, need_a, need_b
+    )
+    return (
+        dx if need_x else None,
+        dw if need_w else None,
+        db if need_bias else None,
+        da if need_a else None,
+        dbb if need_b else None,
+        None,
+    )
+
+
+lora_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------- public function
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """``x @ weight.T + bias + scale * (x @ lora_a.T) @ lora_b.T`` with fused Triton kernels.
+
+    x ``[..., in]``; weight ``[out, in]``; bias ``[out]`` or None; lora_a ``[r, in]``;
+    lora_b ``[out, r]``. Computes in x's dtype (fp32, bf16 or fp16) with fp32 accumulation;
+    parameters in another dtype (e.g. fp32 LoRA master weights) are cast to it, and their
+    gradients flow back through that cast in their own dtype. Differentiable in x, lora_a,
+    lora_b, and in weight / bias when they require grad (a frozen base never computes dW).
+    """
+    in_features = x.shape[-1]
+    out_features, r = lora_b.shape
+    if weight.shape != (out_features, in_features) or lora_a.shape != (r, in_features):
+        raise ValueError(
+            f"lora_linear: shapes do not match: x {tuple(x.shape)}, weight {tuple(weight.shape)}, "
+            f"lora_a {tuple(lora_a.shape)}, lora_b {tuple(lora_b.shape)}"
+        )
+    if bias is not None and bias.shape != (out_features,):
+        raise ValueError(f"lora_linear: bias {tuple(bias.shape)} != ({out_features},)")
+    dtype = x.dtype
+    x2d = x.reshape(-1, in_features)  # a view when possible; strides are passed to the kernel
+    y, _ = lora_linear_fwd(
+        x2d,
+        weight.to(dtype),
+        bias.to(dtype) if bias is not None else None,
+        lora_a.to(dtype),
+        lora_b.to(dtype),
+        float(scale),
+    )
+    return y.reshape(*x.shape[:-1], out_features)

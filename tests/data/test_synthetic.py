@@ -1,0 +1,95 @@
+"""Synthetic datasets: real, decodable, distinct, learnable clips; idempotent creation."""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fastcog.data.listfile import read_list_dataset
+from fastcog.data.synthetic import make_synthetic_dataset, write_video
+from fastcog.data.video import decode_video, first_frame, load_image
+
+F, H, W = 9, 32, 48
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_synthetic_dataset(tmp_path_factory.mktemp("syn") / "ds", 4, F, H, W, with_images=True)
+
+
+def test_layout_and_listfile_round_trip(dataset: Path) -> None:
+    samples = read_list_dataset(dataset, "prompts.txt", "videos.txt", "images.txt")
+    assert len(samples) == 4
+    assert (dataset / "videos.txt").read_text().splitlines()[0] == "videos/clip_000.mp4"
+    assert (dataset / "images.txt").read_text().splitlines()[0] == "images/clip_000.png"
+    captions = [s.caption for s in samples]
+    assert len(set(captions)) == 4
+    assert all(c.startswith("a ") and "square moving" in c for c in captions)
+    assert not [p.name for p in dataset.rglob(".*tmp*")]  # no temp files left behind
+
+
+def test_clips_decode_and_move(dataset: Path) -> None:
+    samples = read_list_dataset(dataset, "prompts.txt", "videos.txt", "images.txt")
+    clips = [decode_video(s.video, F, H, W) for s in samples]
+    for sample, clip in zip(samples, clips, strict=True):
+        assert clip.shape == (F, 3, H, W)
+        assert -1.0 <= clip.min() and clip.max() <= 1.0
+        assert (clip[0] - clip[-1]).abs().mean() > 0.05  # the square moved
+        # The image list holds each clip's first frame.
+        image = load_image(sample.image, H, W)
+        assert (image - first_frame(sample.video, H, W)).abs().mean() < 0.05
+    assert (clips[0] - clips[1]).abs().mean() > 0.05  # clips differ
+
+
+def test_idempotent(tmp_path: Path) -> None:
+    root = make_synthetic_dataset(tmp_path / "ds", 2, F, H, W)
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    stamps = {p: p.stat().st_mtime_ns for p in files}
+    for p in files:  # backdate so a rewrite would be visible even on coarse clocks
+        os.utime(p, ns=(1_000_000_000, 1_000_000_000))
+    make_synthetic_dataset(root, 2, F, H, W)
+    assert all(p.stat().st_mtime_ns == 1_000_000_000 for p in files)
+    assert stamps  # sanity: something was written
+
+    # An incomplete dataset (a run killed half-way) is rebuilt.
+    (root / "videos" / "clip_001.mp4").unlink()
+    make_synthetic_dataset(root, 2, F, H, W)
+    assert (root / "videos" / "clip_001.mp4").is_file()
+    assert decode_video(root / "videos" / "clip_001.mp4", F, H, W).shape == (F, 3, H, W)
+
+    # Different parameters rebuild too.
+    make_synthetic_dataset(root, 3, F, H, W)
+    assert len((root / "videos.txt").read_text().splitlines()) == 3
+
+
+def test_deterministic(tmp_path: Path) -> None:
+    a = make_synthetic_dataset(tmp_path / "a", 3, 5, 16, 16, seed=1)
+    b = make_synthetic_dataset(tmp_path / "b", 3, 5, 16, 16, seed=1)
+    assert (a / "prompts.txt").read_text() == (b / "prompts.txt").read_text()
+    va = decode_video(a / "videos" / "clip_002.mp4", 5, 16, 16)
+    vb = decode_video(b / "videos" / "clip_002.mp4", 5, 16, 16)
+    assert torch.equal(va, vb)
+
+
+def test_rejects_odd_dataset_size(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="even"):
+        make_synthetic_dataset(tmp_path / "ds", 1, 3, 31, 48)
+
+
+def test_write_video_odd_size(tmp_path: Path) -> None:
+    frames = np.full((3, 31, 45, 3), 128, dtype=np.uint8)
+    with pytest.raises(ValueError, match="yuv420p needs even frame sizes, got 31x45"):
+        write_video(tmp_path / "odd.mp4", frames, fps=8)
+    assert not list(tmp_path.iterdir())
+    path = write_video(tmp_path / "odd.mp4", frames, fps=8, pad=True)
+    assert decode_video(path, 3, 31, 45).shape == (3, 3, 31, 45)
+
+
+def test_write_video_mpeg4_fallback(tmp_path: Path) -> None:
+    frames = np.full((4, H, W, 3), 200, dtype=np.uint8)
+    path = write_video(tmp_path / "m.mp4", frames, fps=12.5, codec="mpeg4")
+    video = decode_video(path, 4, H, W)
+    assert video.shape == (4, 3, H, W)
+    assert abs(float(video.mean()) - (200 / 127.5 - 1)) < 0.05
