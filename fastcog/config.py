@@ -40,6 +40,9 @@ class ModelConfig:
     weights in fp32 under autocast; storing them in the compute dtype halves their memory."""
     training_type: str = "lora"
     """`lora` (adapters only) or `sft` (the whole transformer trains, kept in fp32)."""
+    create_tiny: str | None = None
+    """Demo and tests only: if model.path does not exist, first write a tiny random checkpoint
+    of this variant there (`fastcog make-tiny`). Real runs leave this null."""
     i2v_image_scale: str = "pipeline"
     """1.5-I2V image-latent scaling: `pipeline` divides by the VAE scale as diffusers does at
     inference (correct); `reference` multiplies, reproducing the reference trainer's bug."""
@@ -318,6 +321,8 @@ def validate(cfg: Config) -> None:
     if not m.path:
         raise ConfigError("model.path is not set: point it at a local diffusers-format CogVideoX folder")
     _choice(m.variant, ("auto", *VARIANTS), "model.variant")
+    if m.create_tiny is not None:
+        _choice(m.create_tiny, VARIANTS, "model.create_tiny")
     _choice(m.dtype, DTYPES, "model.dtype")
     _choice(m.training_type, ("lora", "sft"), "model.training_type")
     _choice(m.i2v_image_scale, ("pipeline", "reference"), "model.i2v_image_scale")

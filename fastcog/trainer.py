@@ -97,7 +97,12 @@ def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextMana
 def check_inputs(cfg: Config) -> tuple[VariantSpec, list[Sample]]:
     """Model folder, variant-specific config rules and every data file, before any output."""
     from fastcog.data.synthetic import make_synthetic_dataset
+    from fastcog.models import make_tiny
 
+    if cfg.model.create_tiny and not Path(cfg.model.path).exists():
+        make_tiny(cfg.model.create_tiny, cfg.model.path, seed=0, height=cfg.data.height, width=cfg.data.width,
+                  frames=cfg.data.num_frames)
+        print(f"wrote a tiny random {cfg.model.create_tiny} checkpoint to {cfg.model.path}")
     variant = read_variant(cfg.model.path)
     validate_for_variant(cfg, variant)
     d = cfg.data

@@ -178,7 +178,9 @@ def launch_velocity_mse_loss(
     timesteps: torch.Tensor,
     alphas_cumprod: torch.Tensor,
 ) -> torch.Tensor:
-    batch, n, (v, x_t, z0), t, abar = _prepare(model_output, (noisy_latents, latents), timesteps, alphas_cumprod)
+    batch, n, (v, x_t, z0), t, abar = _prepare(
+        model_output, (noisy_latents, latents), timesteps, alphas_cumprod
+    )
     if batch * n == 0:
         raise ValueError("velocity_mse_loss of an empty tensor")
     blocks = triton.cdiv(n, BLOCK)
@@ -200,7 +202,9 @@ def launch_velocity_mse_loss_backward(
     alphas_cumprod: torch.Tensor,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    batch, n, (v, x_t, z0), t, abar = _prepare(model_output, (noisy_latents, latents), timesteps, alphas_cumprod)
+    batch, n, (v, x_t, z0), t, abar = _prepare(
+        model_output, (noisy_latents, latents), timesteps, alphas_cumprod
+    )
     if out is None:
         out = empty(tuple(v.shape), dtype=v.dtype, device=v.device)
     assert out.is_contiguous() and out.shape == v.shape

@@ -33,3 +33,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory):
+    """Factory: the path of a tiny random checkpoint of a variant, built once per session."""
+    from fastcog.models import make_tiny
+
+    built: dict[str, object] = {}
+
+    def get(variant: str):
+        if variant not in built:
+            built[variant] = make_tiny(variant, tmp_path_factory.mktemp(variant.replace(".", "_")))
+        return built[variant]
+
+    return get

@@ -1,0 +1,258 @@
+"""Benchmark the fused Triton kernels against their unfused PyTorch equivalents.
+
+For each case it times, with ``triton.testing.do_bench`` (p20 / p50 / p80, milliseconds):
+
+* ``fused``     fastcog.kernels (lora_linear, velocity_mse_loss / add_noise)
+* ``eager``     the unfused reference path (peft-style LoRA linear; diffusers-style loss),
+                from fastcog.kernels.reference
+* ``compiled``  the same reference under torch.compile (inductor)
+* ``floor``     LoRA cases only: the base linear alone (what the LoRA layer costs at best)
+
+and reports TFLOP/s (model FLOPs of the case, the same for every variant), GB/s (the minimum
+bytes the case must move: every input read once, every output written once) and the ratio
+of each time to the floor (LoRA) or to eager (loss). Writes ``kernels[_smoke].csv`` and
+``kernels[_smoke].md`` (hardware, torch / triton versions, date) to ``--out``.
+
+``--smoke``: tiny shapes on CPU through the Triton interpreter with a wall-clock timer; it
+checks that the script and every variant run. CPU smoke numbers are NOT performance claims.
+
+    python bench/kernels.py                 # GPU, CogVideoX-5B shapes, bf16
+    python bench/kernels.py --smoke --out /tmp/bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as _dt
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+SMOKE_NOTE = (
+    "SMOKE RUN on CPU through the Triton interpreter with a wall-clock timer: these numbers "
+    "are NOT performance claims; they only show that every variant runs."
+)
+
+
+@dataclass
+class Row:
+    case: str
+    variant: str
+    p20_ms: float
+    p50_ms: float
+    p80_ms: float
+    tflops: float
+    gbps: float
+    ratio: float  # p50 / p50 of the case's baseline (floor for LoRA, eager for the loss)
+    baseline: str
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--smoke", action="store_true", help="tiny CPU run under the Triton interpreter")
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--rank", type=int, default=128)
+    p.add_argument("--tokens", type=int, default=17_776, help="M: 49x480x720 -> 17,776 tokens")
+    p.add_argument("--compile-backend", default="inductor")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> list[Row]:
+    args = _parse(argv)
+    import torch
+
+    if args.smoke and not torch.cuda.is_available():
+        # Must be set before fastcog.kernels defines its kernels.
+        if "fastcog.kernels" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError("--smoke on CPU: fastcog.kernels was imported without TRITON_INTERPRET=1")
+        os.environ["TRITON_INTERPRET"] = "1"
+    if not args.smoke and not torch.cuda.is_available():
+        raise SystemExit("bench/kernels.py needs a CUDA GPU (use --smoke for a CPU check)")
+
+    import triton
+
+    from fastcog.kernels import add_noise, lora_linear, velocity_mse_loss
+    from fastcog.kernels.reference import (
+        add_noise_reference,
+        cogvideox_alphas_cumprod,
+        lora_linear_reference,
+        velocity_mse_loss_reference,
+    )
+
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    esize = torch.finfo(dtype).bits // 8
+
+    if args.smoke:
+        m, rank = 37, 8
+        lora_shapes = [("q/k/v/out", 48, 48), ("ff up", 48, 96)]
+        latent_shape = (1, 3, 4, 6, 9)
+    else:
+        m, rank = args.tokens, args.rank
+        lora_shapes = [("q/k/v/out", 3072, 3072), ("ff up", 3072, 12288), ("ff down", 12288, 3072)]
+        latent_shape = (1, 13, 16, 60, 90)
+
+    def timer(fn: Callable[[], object]) -> tuple[float, float, float]:
+        if dev.type == "cuda":
+            p20, p50, p80 = triton.testing.do_bench(fn, quantiles=[0.2, 0.5, 0.8])
+            return p20, p50, p80
+        fn()  # warm-up (compilation)
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        q = statistics.quantiles(times, n=10, method="inclusive")
+        return q[1], statistics.median(times), q[7]
+
+    rows: list[Row] = []
+
+    def add_case(case: str, variants: dict[str, Callable[[], object]], flops: float, nbytes: float, base: str):
+        results = {name: timer(fn) for name, fn in variants.items()}
+        base_ms = results[base][1]
+        for name, (p20, p50, p80) in results.items():
+            rows.append(
+                Row(case, name, p20, p50, p80, flops / (p50 * 1e-3) / 1e12, nbytes / (p50 * 1e-3) / 1e9,
+                    p50 / base_ms, base)
+            )  # fmt: skip
+            print(f"{case:<34} {name:<9} p50 {p50:9.3f} ms  x{p50 / base_ms:5.2f} vs {base}", flush=True)
+
+    g = torch.Generator(device=dev).manual_seed(0)
+
+    def rnd(*shape: int, std: float = 1.0, grad: bool = False) -> torch.Tensor:
+        t = (torch.randn(*shape, generator=g, device=dev, dtype=torch.float32) * std).to(dtype)
+        return t.requires_grad_(grad)
+
+    compiled_ref = torch.compile(lora_linear_reference, backend=args.compile_backend)
+    scale = 0.5
+    for label, k, n in lora_shapes:
+        x = rnd(m, k, grad=True)
+        w = rnd(n, k, std=k**-0.5)
+        b = rnd(n)
+        a = rnd(rank, k, std=k**-0.5, grad=True)
+        bb = rnd(n, rank, std=rank**-0.5, grad=True)
+        dy = rnd(m, n)
+        fwd_flops = 2.0 * m * k * n + 2.0 * m * rank * (k + n)
+        # backward, frozen base: dx (base + LoRA), dy @ B, dA, dB
+        bwd_flops = 2.0 * m * n * k + 2.0 * m * rank * (n + k) + 2.0 * m * rank * (k + n)
+        fwd_bytes = esize * (m * k + n * k + n + rank * (k + n) + m * n)
+        bwd_bytes = esize * (m * n + 2 * m * k + n * k + 2 * rank * (k + n) + m * rank)
+        name = f"lora {label} {m}x{k}->{n} r{rank}"
+
+        def fwd(f: Callable[..., torch.Tensor]) -> Callable[[], object]:
+            def run() -> object:
+                with torch.no_grad():
+                    return f(x, w, b, a, bb, scale)
+
+            return run
+
+        def fwd_bwd(f: Callable[..., torch.Tensor]) -> Callable[[], object]:
+            def run() -> object:
+                return torch.autograd.grad(f(x, w, b, a, bb, scale), (x, a, bb), dy)
+
+            return run
+
+        def floor_fwd() -> object:
+            with torch.no_grad():
+                return torch.nn.functional.linear(x, w, b)
+
+        def floor_fwd_bwd() -> object:
+            return torch.autograd.grad(torch.nn.functional.linear(x, w, b), (x,), dy)
+
+        add_case(f"{name} fwd",
+                 {"fused": fwd(lora_linear), "eager": fwd(lora_linear_reference),
+                  "compiled": fwd(compiled_ref), "floor": floor_fwd},
+                 fwd_flops, fwd_bytes, "floor")  # fmt: skip
+        add_case(f"{name} fwd+bwd",
+                 {"fused": fwd_bwd(lora_linear), "eager": fwd_bwd(lora_linear_reference),
+                  "compiled": fwd_bwd(compiled_ref), "floor": floor_fwd_bwd},
+                 fwd_flops + bwd_flops, fwd_bytes + bwd_bytes, "floor")  # fmt: skip
+
+    # Diffusion objective at the latent shape.
+    abar = cogvideox_alphas_cumprod(1.0).to(dev)
+    z0, eps = rnd(*latent_shape), rnd(*latent_shape)
+    v = rnd(*latent_shape, grad=True)
+    t = torch.randint(0, 1000, (latent_shape[0],), generator=g, device=dev)
+    x_t = add_noise(z0, eps, t, abar)
+    numel = z0.numel()
+    compiled_loss = torch.compile(velocity_mse_loss_reference, backend=args.compile_backend)
+    compiled_noise = torch.compile(add_noise_reference, backend=args.compile_backend)
+    shape_s = "x".join(map(str, latent_shape))
+
+    def loss_fb(f: Callable[..., torch.Tensor]) -> Callable[[], object]:
+        return lambda: torch.autograd.grad(f(v, x_t, z0, t, abar), (v,))
+
+    def noise(f: Callable[..., torch.Tensor]) -> Callable[[], object]:
+        return lambda: f(z0, eps, t, abar)
+
+    add_case(f"add_noise {shape_s}",
+             {"fused": noise(add_noise), "eager": noise(add_noise_reference), "compiled": noise(compiled_noise)},
+             3.0 * numel, 3.0 * esize * numel, "eager")  # fmt: skip
+    add_case(f"velocity_mse_loss {shape_s} fwd+bwd",
+             {"fused": loss_fb(velocity_mse_loss), "eager": loss_fb(velocity_mse_loss_reference),
+              "compiled": loss_fb(compiled_loss)},
+             12.0 * numel, 7.0 * esize * numel, "eager")  # fmt: skip
+
+    write_results(rows, args, dev, torch.__version__, triton.__version__)
+    return rows
+
+
+def _hardware(dev: object) -> str:
+    import torch
+
+    if getattr(dev, "type", "cpu") == "cuda":
+        return torch.cuda.get_device_name(dev)
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores), Triton interpreter"
+
+
+def write_results(rows: list[Row], args: argparse.Namespace, dev: object, torch_v: str, triton_v: str) -> None:
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = "kernels_smoke" if args.smoke else "kernels"
+    date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    meta = {
+        "hardware": _hardware(dev),
+        "torch": torch_v,
+        "triton": triton_v,
+        "date": date,
+        "dtype": args.dtype,
+        "timer": "triton.testing.do_bench" if getattr(dev, "type", "") == "cuda" else "wall clock, 5 runs",
+    }
+    with open(args.out / f"{stem}.csv", "w", newline="") as f:
+        for key, value in meta.items():
+            f.write(f"# {key}: {value}\n")
+        if args.smoke:
+            f.write(f"# {SMOKE_NOTE}\n")
+        writer = csv.writer(f)
+        writer.writerow(["case", "variant", "p20_ms", "p50_ms", "p80_ms", "tflops", "gbps", "ratio", "baseline"])
+        for r in rows:
+            writer.writerow([r.case, r.variant, f"{r.p20_ms:.4f}", f"{r.p50_ms:.4f}", f"{r.p80_ms:.4f}",
+                             f"{r.tflops:.3f}", f"{r.gbps:.2f}", f"{r.ratio:.3f}", r.baseline])  # fmt: skip
+    lines = ["# fastcog kernel benchmark", ""]
+    if args.smoke:
+        lines += [f"**{SMOKE_NOTE}**", ""]
+    lines += [f"- {key}: {value}" for key, value in meta.items()]
+    lines += [
+        "- TFLOP/s: model FLOPs of the case (same for every variant) / p50; GB/s: minimum bytes"
+        " (inputs read once, outputs written once) / p50; ratio: p50 / p50 of the baseline",
+        "",
+        "| case | variant | p20 ms | p50 ms | p80 ms | TFLOP/s | GB/s | ratio | baseline |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.case} | {r.variant} | {r.p20_ms:.3f} | {r.p50_ms:.3f} | {r.p80_ms:.3f} | "
+            f"{r.tflops:.2f} | {r.gbps:.1f} | {r.ratio:.2f} | {r.baseline} |"
+        )
+    (args.out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {args.out / stem}.csv and .md")
+
+
+if __name__ == "__main__":
+    main()
