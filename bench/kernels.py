@@ -77,7 +77,6 @@ def main(argv: list[str] | None = None) -> list[Row]:
         raise SystemExit("bench/kernels.py needs a CUDA GPU (use --smoke for a CPU check)")
 
     import triton
-
     from fastcog.kernels import add_noise, lora_linear, velocity_mse_loss
     from fastcog.kernels.reference import (
         add_noise_reference,
@@ -114,7 +113,9 @@ def main(argv: list[str] | None = None) -> list[Row]:
 
     rows: list[Row] = []
 
-    def add_case(case: str, variants: dict[str, Callable[[], object]], flops: float, nbytes: float, base: str):
+    def add_case(
+        case: str, variants: dict[str, Callable[[], object]], flops: float, nbytes: float, base: str
+    ) -> None:
         results = {name: timer(fn) for name, fn in variants.items()}
         base_ms = results[base][1]
         for name, (p20, p50, p80) in results.items():
@@ -131,48 +132,27 @@ def main(argv: list[str] | None = None) -> list[Row]:
         return t.requires_grad_(grad)
 
     compiled_ref = torch.compile(lora_linear_reference, backend=args.compile_backend)
-    scale = 0.5
     for label, k, n in lora_shapes:
-        x = rnd(m, k, grad=True)
-        w = rnd(n, k, std=k**-0.5)
-        b = rnd(n)
-        a = rnd(rank, k, std=k**-0.5, grad=True)
-        bb = rnd(n, rank, std=rank**-0.5, grad=True)
+        tensors = (rnd(m, k, grad=True), rnd(n, k, std=k**-0.5), rnd(n), rnd(rank, k, std=k**-0.5, grad=True),
+                   rnd(n, rank, std=rank**-0.5, grad=True))  # fmt: skip
         dy = rnd(m, n)
         fwd_flops = 2.0 * m * k * n + 2.0 * m * rank * (k + n)
-        # backward, frozen base: dx (base + LoRA), dy @ B, dA, dB
+        # backward, frozen base: dx (base + LoRA), G = dy @ B, dA, dB
         bwd_flops = 2.0 * m * n * k + 2.0 * m * rank * (n + k) + 2.0 * m * rank * (k + n)
-        fwd_bytes = esize * (m * k + n * k + n + rank * (k + n) + m * n)
+        # read x, W, b, A, B; write y (+ S)
+        fwd_bytes = esize * (m * k + n * k + n + rank * (k + n) + m * n + m * rank)
+        # read dy, x, W, A, B, S; write dx, dA, dB
         bwd_bytes = esize * (m * n + 2 * m * k + n * k + 2 * rank * (k + n) + m * rank)
         name = f"lora {label} {m}x{k}->{n} r{rank}"
-
-        def fwd(f: Callable[..., torch.Tensor]) -> Callable[[], object]:
-            def run() -> object:
-                with torch.no_grad():
-                    return f(x, w, b, a, bb, scale)
-
-            return run
-
-        def fwd_bwd(f: Callable[..., torch.Tensor]) -> Callable[[], object]:
-            def run() -> object:
-                return torch.autograd.grad(f(x, w, b, a, bb, scale), (x, a, bb), dy)
-
-            return run
-
-        def floor_fwd() -> object:
-            with torch.no_grad():
-                return torch.nn.functional.linear(x, w, b)
-
-        def floor_fwd_bwd() -> object:
-            return torch.autograd.grad(torch.nn.functional.linear(x, w, b), (x,), dy)
-
-        add_case(f"{name} fwd",
-                 {"fused": fwd(lora_linear), "eager": fwd(lora_linear_reference),
-                  "compiled": fwd(compiled_ref), "floor": floor_fwd},
+        variants = {
+            "fused": lora_linear,
+            "eager": lora_linear_reference,
+            "compiled": compiled_ref,
+            "floor": _base_linear,
+        }
+        add_case(f"{name} fwd", {v: _lora_fwd(f, tensors) for v, f in variants.items()},
                  fwd_flops, fwd_bytes, "floor")  # fmt: skip
-        add_case(f"{name} fwd+bwd",
-                 {"fused": fwd_bwd(lora_linear), "eager": fwd_bwd(lora_linear_reference),
-                  "compiled": fwd_bwd(compiled_ref), "floor": floor_fwd_bwd},
+        add_case(f"{name} fwd+bwd", {v: _lora_fwd_bwd(f, tensors, dy) for v, f in variants.items()},
                  fwd_flops + bwd_flops, fwd_bytes + bwd_bytes, "floor")  # fmt: skip
 
     # Diffusion objective at the latent shape.
@@ -193,7 +173,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
         return lambda: f(z0, eps, t, abar)
 
     add_case(f"add_noise {shape_s}",
-             {"fused": noise(add_noise), "eager": noise(add_noise_reference), "compiled": noise(compiled_noise)},
+             {"fused": noise(add_noise), "eager": noise(add_noise_reference),
+              "compiled": noise(compiled_noise)},
              3.0 * numel, 3.0 * esize * numel, "eager")  # fmt: skip
     add_case(f"velocity_mse_loss {shape_s} fwd+bwd",
              {"fused": loss_fb(velocity_mse_loss), "eager": loss_fb(velocity_mse_loss_reference),
@@ -204,6 +185,37 @@ def main(argv: list[str] | None = None) -> list[Row]:
     return rows
 
 
+def _base_linear(x, weight, bias, lora_a, lora_b, scale):  # the signature of lora_linear
+    """The floor: the frozen base linear alone (no LoRA)."""
+    import torch
+
+    return torch.nn.functional.linear(x, weight, bias)
+
+
+def _lora_fwd(f: Callable[..., object], tensors: tuple) -> Callable[[], object]:
+    import torch
+
+    def run() -> object:
+        with torch.no_grad():
+            return f(*tensors, 0.5)
+
+    return run
+
+
+def _lora_fwd_bwd(f: Callable[..., object], tensors: tuple, dy: object) -> Callable[[], object]:
+    """Forward + backward of a LoRA layer on a frozen base: grads for x, lora_a, lora_b only
+    (the floor's base linear has no LoRA inputs: its grad is dx alone)."""
+    import torch
+
+    x, _, _, a, b = tensors
+    wrt = (x,) if f is _base_linear else (x, a, b)
+
+    def run() -> object:
+        return torch.autograd.grad(f(*tensors, 0.5), wrt, dy)
+
+    return run
+
+
 def _hardware(dev: object) -> str:
     import torch
 
@@ -212,7 +224,9 @@ def _hardware(dev: object) -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores), Triton interpreter"
 
 
-def write_results(rows: list[Row], args: argparse.Namespace, dev: object, torch_v: str, triton_v: str) -> None:
+def write_results(
+    rows: list[Row], args: argparse.Namespace, dev: object, torch_v: str, triton_v: str
+) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "kernels_smoke" if args.smoke else "kernels"
     date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -230,7 +244,9 @@ def write_results(rows: list[Row], args: argparse.Namespace, dev: object, torch_
         if args.smoke:
             f.write(f"# {SMOKE_NOTE}\n")
         writer = csv.writer(f)
-        writer.writerow(["case", "variant", "p20_ms", "p50_ms", "p80_ms", "tflops", "gbps", "ratio", "baseline"])
+        writer.writerow(
+            ["case", "variant", "p20_ms", "p50_ms", "p80_ms", "tflops", "gbps", "ratio", "baseline"]
+        )
         for r in rows:
             writer.writerow([r.case, r.variant, f"{r.p20_ms:.4f}", f"{r.p50_ms:.4f}", f"{r.p80_ms:.4f}",
                              f"{r.tflops:.3f}", f"{r.gbps:.2f}", f"{r.ratio:.3f}", r.baseline])  # fmt: skip

@@ -100,7 +100,7 @@ def load_components(
     for part in parts:
         try:
             module = loaders[part]()
-        except (OSError, ValueError, EnvironmentError) as err:
+        except (OSError, ValueError) as err:
             raise ModelError(f"cannot load {part} from {path / part}: {str(err).splitlines()[0]}") from None
         if isinstance(module, torch.nn.Module):
             module.requires_grad_(False).eval()

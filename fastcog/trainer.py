@@ -61,7 +61,8 @@ class RunSummary:
                  if self.losses else "no steps run")
         return [
             "fastcog run finished",
-            f"  steps          {self.steps}" + (f" (resumed from {self.resumed_from.name})" if self.resumed_from else ""),
+            f"  steps          {self.steps}"
+            + (f" (resumed from {self.resumed_from.name})" if self.resumed_from else ""),
             f"  loss           {trend}",
             f"  wall time      {self.wall_time_s:.1f} s",
             f"  throughput     {thr}",

@@ -172,7 +172,8 @@ def test_full_finetune_exports_transformer(tiny_checkpoint, clips, tmp_path):
 
     before = CogVideoXTransformer3DModel.from_pretrained(tiny_checkpoint("cogvideox-2b"), subfolder="transformer")
     after = CogVideoXTransformer3DModel.from_pretrained(summary.export_path)
-    changed = [n for (n, a), (_, b) in zip(before.named_parameters(), after.named_parameters()) if not torch.equal(a, b)]
+    pairs = zip(before.named_parameters(), after.named_parameters())
+    changed = [n for (n, a), (_, b) in pairs if not torch.equal(a, b)]
     assert len(changed) > 10
 
 
