@@ -1,4 +1,4 @@
-"""`fastcog train | make-tiny` : parse, load config, call. Nothing else lives here."""
+"""`fastcog train | prepare | make-tiny` : parse, load config, call. Nothing else lives here."""
 
 from __future__ import annotations
 
@@ -34,6 +34,25 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from fastcog.config import load_config
+    from fastcog.data.prepare import cache_dir_for, prepare
+    from fastcog.parallel import device_for, init_distributed
+    from fastcog.trainer import check_inputs, make_encoder_factory, seed_everything
+
+    cfg = load_config(args.config, args.set or ())
+    _quiet_libraries()
+    world = init_distributed()
+    variant, samples = check_inputs(cfg, world)
+    seed_everything(cfg.train.seed)
+    device = device_for(world)
+    result = prepare(cfg, samples, variant.is_i2v, make_encoder_factory(cfg, device, variant), world,
+                     show_progress=cfg.log.progress_bar)
+    if world.is_main:
+        print(result.summary(cache_dir_for(cfg)))
+    return 0
+
+
 def _cmd_make_tiny(args: argparse.Namespace) -> int:
     from fastcog.models import make_tiny
 
@@ -54,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
                    help="override a config value, e.g. --set train.train_steps=10 (repeatable)")
     p.set_defaults(func=_cmd_train)
+    p = sub.add_parser("prepare", help="encode the dataset into the latent/embedding cache (torchrun-aware)")
+    p.add_argument("config", help="path to a YAML config")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value")
+    p.set_defaults(func=_cmd_prepare)
     p = sub.add_parser("make-tiny", help="write a tiny random diffusers checkpoint of a variant")
     p.add_argument("variant", choices=VARIANTS)
     p.add_argument("out_dir")

@@ -58,12 +58,32 @@ class DataConfig:
     """List file with one video path per line, relative to data_root."""
     image_column: str | None = None
     """I2V only, optional: list file of conditioning images; without it the first frame is used."""
+    metadata_file: str | None = None
+    """A CSV (header row) or JSONL file with caption / video / optional image columns, instead of
+    the list files; paths relative to data_root."""
     num_frames: int = 49
     """Frames per training clip; must be 8N+1 (the VAE compresses 4x in time, plus frame 0)."""
     height: int = 480
     """Training height in pixels; a multiple of 16 (VAE 8x, patch 2)."""
     width: int = 720
     """Training width in pixels; a multiple of 16."""
+    sampling: str = "reference"
+    """Which frames of a clip: `reference` (stride N // F from frame 0), `uniform` (spread over the
+    whole clip) or `random` (a seeded random window with the reference stride)."""
+    resize: str = "stretch"
+    """`stretch` to exactly height x width (reference) or `resize_crop` (keep aspect, centre crop)."""
+    buckets: tuple[tuple[int, int, int], ...] = ()
+    """Resolution buckets [frames, height, width]; each clip goes to the nearest by aspect ratio
+    and length, and every batch has one shape. Empty: one bucket (num_frames, height, width)."""
+    latent_mode: str = "sample"
+    """Cached VAE latents: `sample` one posterior draw (reference) or `mean`."""
+    max_failed_fraction: float = 0.05
+    """Undecodable clips are skipped and listed in <cache_dir>/failures.jsonl; the run stops only
+    when more than this fraction of the clips fails."""
+    prepare_missing: bool = True
+    """`fastcog train` encodes items missing from the cache itself; false makes it an error."""
+    prepare_workers: int = 2
+    """DataLoader workers decoding clips for `fastcog prepare` (0 = in the main process)."""
     cache_dir: str | None = None
     """Where encoded latents and text embeddings go; default `<data_root>/.fastcog_cache`."""
     vae_slicing: bool = False
@@ -341,8 +361,19 @@ def validate(cfg: Config) -> None:
                 f"data.{key}={value} is not a positive multiple of 16 (VAE 8x times patch 2): "
                 f"use {max(16, round(value / 16) * 16)}"
             )
-    if d.num_workers < 0 or d.synthetic_clips < 0:
-        raise ConfigError("data.num_workers and data.synthetic_clips must be >= 0")
+    for i, (frames, height, width) in enumerate(d.buckets):
+        if frames < 1 or (frames - 1) % 8 or height <= 0 or height % 16 or width <= 0 or width % 16:
+            raise ConfigError(
+                f"data.buckets[{i}]={[frames, height, width]}: frames must be 8N+1 and height, width "
+                "positive multiples of 16"
+            )
+    _choice(d.sampling, ("reference", "uniform", "random"), "data.sampling")
+    _choice(d.resize, ("stretch", "resize_crop"), "data.resize")
+    _choice(d.latent_mode, ("sample", "mean"), "data.latent_mode")
+    if not 0.0 <= d.max_failed_fraction <= 1.0:
+        raise ConfigError(f"data.max_failed_fraction={d.max_failed_fraction}: must be between 0 and 1")
+    if d.num_workers < 0 or d.synthetic_clips < 0 or d.prepare_workers < 0:
+        raise ConfigError("data.num_workers, data.prepare_workers and data.synthetic_clips must be >= 0")
     if lo.rank < 1:
         raise ConfigError(f"lora.rank={lo.rank}: must be >= 1")
     if not lo.target_modules:
@@ -398,10 +429,11 @@ def validate_for_variant(cfg: Config, variant: Any) -> None:
     if variant.learned_positional_embeddings:
         spatial = 8  # CogVideoX VAE
         want = (variant.sample_height * spatial, variant.sample_width * spatial)
-        if (cfg.data.height, cfg.data.width) != want:
+        sizes = {(h, w) for _, h, w in cfg.data.buckets} or {(cfg.data.height, cfg.data.width)}
+        if sizes != {want}:
             raise ConfigError(
                 f"{variant.name} has learned positional embeddings fixed at {want[0]}x{want[1]}: "
-                f"set data.height={want[0]} and data.width={want[1]}"
+                f"set data.height={want[0]} and data.width={want[1]} (and no other bucket size)"
             )
 
 

@@ -12,7 +12,7 @@ import contextlib
 import math
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,9 +23,11 @@ from tqdm import tqdm
 
 from fastcog.checkpoint import TrainState, list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
 from fastcog.config import Config, save_config, to_dict, validate_for_variant
-from fastcog.data.cache import CachedDataset, CacheSpec, Encoder, model_fingerprint, prepare_cache
-from fastcog.data.listfile import Sample, read_list_dataset
-from fastcog.errors import ConfigError
+from fastcog.data.buckets import BucketBatchSampler
+from fastcog.data.cache import CachedDataset, Encoder
+from fastcog.data.listfile import Sample, read_dataset
+from fastcog.data.prepare import cache_dir_for, prepare
+from fastcog.errors import ConfigError, FastcogError
 from fastcog.lora import export_lora, inject_lora, load_trainable_state_dict, trainable_state_dict
 from fastcog.metrics import (
     MetricsWriter,
@@ -34,8 +36,9 @@ from fastcog.metrics import (
     peak_memory_gb,
     transformer_flops_per_sample,
 )
-from fastcog.models import TORCH_DTYPES, Components, load_components, read_variant
+from fastcog.models import TORCH_DTYPES, load_components, read_variant
 from fastcog.objective import ReferenceObjective
+from fastcog.parallel import SINGLE_PROCESS, World
 from fastcog.variants import VariantSpec
 
 
@@ -95,24 +98,31 @@ def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextMana
 # --------------------------------------------------------------------------------------------
 
 
-def check_inputs(cfg: Config) -> tuple[VariantSpec, list[Sample]]:
-    """Model folder, variant-specific config rules and every data file, before any output."""
+def check_inputs(cfg: Config, world: World = SINGLE_PROCESS) -> tuple[VariantSpec, list[Sample]]:
+    """Model folder, variant-specific config rules and every data file, before any output.
+
+    The demo's tiny checkpoint and synthetic clips are written here by rank 0 only.
+    """
     from fastcog.data.synthetic import make_synthetic_dataset
     from fastcog.models import make_tiny
+    from fastcog.parallel import barrier
 
-    if cfg.model.create_tiny and not Path(cfg.model.path).exists():
-        make_tiny(cfg.model.create_tiny, cfg.model.path, seed=0, height=cfg.data.height, width=cfg.data.width,
-                  frames=cfg.data.num_frames)
-        print(f"wrote a tiny random {cfg.model.create_tiny} checkpoint to {cfg.model.path}")
+    d = cfg.data
+    if world.is_main:
+        if cfg.model.create_tiny and not Path(cfg.model.path).exists():
+            make_tiny(cfg.model.create_tiny, cfg.model.path, seed=0, height=d.height, width=d.width,
+                      frames=d.num_frames)
+            print(f"wrote a tiny random {cfg.model.create_tiny} checkpoint to {cfg.model.path}")
+        if d.synthetic_clips:
+            make_synthetic_dataset(
+                d.data_root, num_clips=d.synthetic_clips, num_frames=max(d.num_frames, 8), height=d.height,
+                width=d.width, seed=cfg.train.seed, with_images=d.image_column is not None,
+            )
+    barrier()
     variant = read_variant(cfg.model.path)
     validate_for_variant(cfg, variant)
-    d = cfg.data
-    if d.synthetic_clips:
-        make_synthetic_dataset(
-            d.data_root, num_clips=d.synthetic_clips, num_frames=max(d.num_frames, 8), height=d.height,
-            width=d.width, seed=cfg.train.seed, with_images=variant.is_i2v and d.image_column is not None,
-        )
-    samples = read_list_dataset(d.data_root, d.caption_column, d.video_column, d.image_column)
+    samples = read_dataset(d.data_root, metadata_file=d.metadata_file, caption_column=d.caption_column,
+                           video_column=d.video_column, image_column=d.image_column)
     return variant, samples
 
 
@@ -135,42 +145,32 @@ def prepare_output_dir(cfg: Config) -> tuple[Path, Path | None]:
 # --------------------------------------------------------------------------------------------
 
 
-class EpochBatchSampler(torch.utils.data.Sampler[list[int]]):
-    """Shuffled batches, the permutation a function of (seed, epoch) only, so a resumed run
-    sees exactly the batches an uninterrupted one would; `skip` drops already-used batches."""
+def micro_batches(dataset: CachedDataset, cfg: Config, state: TrainState, device: torch.device,
+                  world: World = SINGLE_PROCESS) -> Iterator[dict]:
+    """Endless stream of this rank's micro-batches across epochs; updates `state`'s data position.
 
-    def __init__(self, num_samples: int, batch_size: int, seed: int, epoch: int = 0, skip: int = 0) -> None:
-        self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
-        self.epoch, self.skip = epoch, skip
-
-    def batches(self) -> list[list[int]]:
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        order = torch.randperm(self.num_samples, generator=g).tolist()
-        return [order[i : i + self.batch_size] for i in range(0, self.num_samples, self.batch_size)]
-
-    def __iter__(self) -> Iterator[list[int]]:
-        yield from self.batches()[self.skip :]
-
-    def __len__(self) -> int:
-        return math.ceil(self.num_samples / self.batch_size) - self.skip
-
-
-def micro_batches(dataset: CachedDataset, cfg: Config, state: TrainState, device: torch.device) -> Iterator[dict]:
-    """Endless stream of micro-batches across epochs; updates `state`'s data position."""
-    pin = cfg.data.pin_memory and device.type == "cuda"
-    while True:
-        sampler = EpochBatchSampler(len(dataset), cfg.train.batch_size, cfg.train.seed, state.epoch,
-                                    state.batches_in_epoch)
-        # A private generator: DataLoader otherwise draws its worker base seed from the global
-        # RNG at every new iterator, which would shift the noise draws after a resume.
-        loader = torch.utils.data.DataLoader(
-            dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers, pin_memory=pin,
-            generator=torch.Generator().manual_seed(cfg.train.seed + state.epoch),
-            persistent_workers=False,
+    One DataLoader for the whole run (its workers persist across epochs); the sampler is
+    pointed at the next epoch before each pass.
+    """
+    sampler = BucketBatchSampler([it.bucket for it in dataset.items], cfg.train.batch_size, cfg.train.seed,
+                                 state.epoch, state.batches_in_epoch, world.rank, world.world_size)
+    workers = cfg.data.num_workers
+    # A private generator: DataLoader otherwise draws its worker base seed from the global
+    # RNG at every new iterator, which would shift the noise draws after a resume.
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, num_workers=workers, pin_memory=cfg.data.pin_memory and device.type == "cuda",
+        persistent_workers=workers > 0, generator=torch.Generator().manual_seed(cfg.train.seed),
+    )
+    if len(sampler) + sampler.skip == 0:
+        raise FastcogError(
+            f"no full batch: {len(dataset)} samples cannot make one global batch of "
+            f"{cfg.train.batch_size * world.world_size}; lower train.batch_size or add data"
         )
+    while True:
+        sampler.epoch, sampler.skip = state.epoch, state.batches_in_epoch
         for batch in loader:
             state.batches_in_epoch += 1
-            state.samples_seen += next(iter(batch.values())).shape[0]
+            state.samples_seen += next(iter(batch.values())).shape[0] * world.world_size
             yield {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         state.epoch += 1
         state.batches_in_epoch = 0
@@ -210,22 +210,60 @@ def build_optimizer(cfg: Config, params: list[torch.nn.Parameter], total_steps: 
     return optimizer, lr_scheduler
 
 
-def encode_dataset(cfg: Config, samples: list[Sample], comps: Components, device: torch.device) -> CachedDataset:
-    """Encode every sample into the cache (reusing what is there) and return the dataset."""
-    d = cfg.data
-    cache_dir = Path(d.cache_dir) if d.cache_dir else Path(d.data_root) / ".fastcog_cache"
-    spec = CacheSpec(model_fingerprint(Path(cfg.model.path)), cfg.model.dtype, d.num_frames, d.height, d.width)
-    encoder = Encoder(comps.vae.to(device), comps.text_encoder.to(device), comps.tokenizer,
-                      comps.variant.max_text_seq_length, device, d.vae_slicing, d.vae_tiling)
-    items, counts = prepare_cache(samples, cache_dir, spec, encoder, need_images=comps.variant.is_i2v,
-                                  show_progress=cfg.log.progress_bar)
-    print(f"cache: {counts['encoded']} encoded, {counts['reused']} reused, in {cache_dir}")
-    return CachedDataset(items, TORCH_DTYPES[cfg.model.dtype])
+def make_encoder_factory(cfg: Config, device: torch.device, variant: VariantSpec) -> Callable[[], Encoder]:
+    """Loads the VAE and T5 only when something actually needs encoding."""
+
+    def make() -> Encoder:
+        comps = load_components(cfg.model.path, cfg.model.dtype, parts=("vae", "text_encoder", "tokenizer"))
+        return Encoder(comps.vae.to(device), comps.text_encoder.to(device), comps.tokenizer,
+                       variant.max_text_seq_length, device, cfg.data.vae_slicing, cfg.data.vae_tiling)
+
+    return make
+
+
+def prepare_dataset(cfg: Config, samples: list[Sample], variant: VariantSpec, device: torch.device,
+                    world: World = SINGLE_PROCESS) -> CachedDataset:
+    """Cache every sample (encoding what is missing) and return the training dataset."""
+    result = prepare(cfg, samples, variant.is_i2v, make_encoder_factory(cfg, device, variant), world,
+                     show_progress=cfg.log.progress_bar and world.is_main)
+    if world.is_main:
+        print(result.summary(cache_dir_for(cfg)))
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the encoders are gone; give their memory back before training
+    return CachedDataset(result.items, TORCH_DTYPES[cfg.model.dtype])
 
 
 # --------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StepWork:
+    """What one optimizer step computed, for the throughput metrics."""
+
+    samples: int = 0
+    video_tokens: int = 0
+    flops: float = 0.0
+
+
+class WorkCounter:
+    """Model FLOPs and tokens of a micro-batch (buckets make them vary batch to batch)."""
+
+    def __init__(self, transformer_config: Any, variant: VariantSpec, cfg: Config) -> None:
+        self.config, self.variant, self.cfg = transformer_config, variant, cfg
+        self._flops: dict[int, float] = {}
+
+    def __call__(self, batch: dict[str, torch.Tensor], work: StepWork) -> None:
+        latents = batch["latents"]
+        tokens = video_tokens(latents.shape[1:], self.variant)
+        if tokens not in self._flops:
+            sft = self.cfg.model.training_type == "sft"
+            self._flops[tokens] = transformer_flops_per_sample(
+                self.config, tokens, None if sft else self.cfg.lora.rank, self.cfg.lora.target_modules, sft)
+        work.samples += latents.shape[0]
+        work.video_tokens += latents.shape[0] * tokens
+        work.flops += latents.shape[0] * self._flops[tokens]
 
 
 def forward_backward(objective: ReferenceObjective, transformer: torch.nn.Module, batch: dict, cfg: Config,
@@ -238,11 +276,14 @@ def forward_backward(objective: ReferenceObjective, transformer: torch.nn.Module
 
 
 def train_step(objective: ReferenceObjective, transformer: torch.nn.Module, params: list, batches: Iterator,
-               optimizer: Any, lr_scheduler: Any, grad_scaler: Any, cfg: Config, device: torch.device
-               ) -> tuple[float, float]:
-    """One optimizer step over gradient_accumulation_steps micro-batches: (mean loss, pre-clip norm)."""
-    losses = [forward_backward(objective, transformer, next(batches), cfg, device, grad_scaler)
-              for _ in range(cfg.train.gradient_accumulation_steps)]
+               optimizer: Any, lr_scheduler: Any, grad_scaler: Any, cfg: Config, device: torch.device,
+               count: WorkCounter) -> tuple[float, float, StepWork]:
+    """One optimizer step over gradient_accumulation_steps micro-batches: (mean loss, pre-clip norm, work)."""
+    losses, work = [], StepWork()
+    for _ in range(cfg.train.gradient_accumulation_steps):
+        batch = next(batches)
+        count(batch, work)
+        losses.append(forward_backward(objective, transformer, batch, cfg, device, grad_scaler))
     if grad_scaler is not None:
         grad_scaler.unscale_(optimizer)
     max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else float("inf")
@@ -254,13 +295,12 @@ def train_step(objective: ReferenceObjective, transformer: torch.nn.Module, para
         optimizer.step()
     lr_scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return sum(losses) / len(losses), grad_norm
+    return sum(losses) / len(losses), grad_norm, work
 
 
-def total_steps(cfg: Config, num_samples: int) -> int:
+def total_steps(cfg: Config, batches_per_epoch: int) -> int:
     if cfg.train.train_steps is not None:
         return cfg.train.train_steps
-    batches_per_epoch = math.ceil(num_samples / cfg.train.batch_size)
     return max(1, math.ceil(cfg.train.train_epochs * batches_per_epoch / cfg.train.gradient_accumulation_steps))
 
 
@@ -272,19 +312,22 @@ def train(cfg: Config) -> RunSummary:
     device = pick_device()
     seed_everything(cfg.train.seed)
 
-    need_vae_in_loop = variant.is_i2v or cfg.validation.every_steps > 0
-    comps = load_components(cfg.model.path, cfg.model.dtype, parts=("vae", "text_encoder", "tokenizer", "scheduler"))
-    dataset = encode_dataset(cfg, samples, comps, device)
-    if not cfg.validation.every_steps:
-        comps.text_encoder = comps.tokenizer = None  # T5 is only needed again to render validation videos
-    if not need_vae_in_loop:
-        comps.vae = None
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    dataset = prepare_dataset(cfg, samples, variant, device)
+    # In the loop: the scheduler always; the VAE for I2V (the image is encoded every step) and
+    # for validation; T5 only for validation.
+    parts = ["scheduler"]
+    if variant.is_i2v or cfg.validation.every_steps:
+        parts.append("vae")
+    if cfg.validation.every_steps:
+        parts += ["text_encoder", "tokenizer"]
+    comps = load_components(cfg.model.path, cfg.model.dtype, parts=tuple(parts))
+    if comps.vae is not None:
+        comps.vae.to(device)
 
     transformer, params = build_transformer(cfg, device)
     objective = ReferenceObjective(variant, comps.scheduler, comps.vae, cfg.model.i2v_image_scale)
-    steps = total_steps(cfg, len(dataset))
+    bucket_of = [it.bucket for it in dataset.items]
+    steps = total_steps(cfg, len(BucketBatchSampler(bucket_of, cfg.train.batch_size, cfg.train.seed)))
     optimizer, lr_scheduler = build_optimizer(cfg, params, steps)
     grad_scaler = torch.amp.GradScaler(device.type) if cfg.model.dtype == "fp16" else None
 
@@ -298,25 +341,20 @@ def train(cfg: Config) -> RunSummary:
     metrics = MetricsWriter(out, cfg.log.report_to, cfg.log.tracker_name, to_dict(cfg),
                             resume_step=state.step if resume_path else None)
 
-    sample_latents = dataset[0]["latents"]
-    tokens = video_tokens(sample_latents.shape, variant)
-    samples_per_step = cfg.train.batch_size * cfg.train.gradient_accumulation_steps
-    flops_per_step = samples_per_step * transformer_flops_per_sample(
-        transformer.config, tokens, None if cfg.model.training_type == "sft" else cfg.lora.rank,
-        cfg.lora.target_modules, full_finetune=cfg.model.training_type == "sft",
-    )
+    count = WorkCounter(transformer.config, variant, cfg)
     peak = peak_flops(device)
     batches = micro_batches(dataset, cfg, state, device)
     losses: list[float] = []
     step_times: list[float] = []
+    step_samples: list[int] = []
     bar = tqdm(total=steps, initial=state.step, desc="training", unit="step", disable=not cfg.log.progress_bar,
                dynamic_ncols=True)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     while state.step < steps:
         t0 = time.perf_counter()
-        loss, grad_norm = train_step(objective, transformer, params, batches, optimizer, lr_scheduler,
-                                     grad_scaler, cfg, device)
+        loss, grad_norm, work = train_step(objective, transformer, params, batches, optimizer, lr_scheduler,
+                                           grad_scaler, cfg, device, count)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         dt = time.perf_counter() - t0
@@ -324,10 +362,11 @@ def train(cfg: Config) -> RunSummary:
         losses.append(loss)
         step_times.append(dt)
         lr = lr_scheduler.get_last_lr()[0]
-        tflops = flops_per_step / dt / 1e12
+        step_samples.append(work.samples)
+        tflops = work.flops / dt / 1e12
         metrics.write({
             "step": state.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "step_time_s": dt,
-            "samples_per_s": samples_per_step / dt, "tokens_per_s": samples_per_step * tokens / dt,
+            "samples_per_s": work.samples / dt, "tokens_per_s": work.video_tokens / dt,
             "tflops": tflops, "mfu": None if peak is None else tflops * 1e12 / peak,
             "mem_peak_gb": peak_memory_gb(device),
         })
@@ -351,10 +390,10 @@ def train(cfg: Config) -> RunSummary:
         transformer.save_pretrained(export_path)
     else:
         export_path = export_lora(transformer, cfg.lora, out / "lora", variant.is_i2v)
-    timed = step_times[1:] or step_times  # the first step includes one-off warm-up
+    first = 1 if len(step_times) > 1 else 0  # the first step includes one-off warm-up
     summary = RunSummary(
         output_dir=out, steps=state.step, wall_time_s=time.perf_counter() - t_start,
-        samples_per_s=samples_per_step / (sum(timed) / len(timed)) if timed else None,
+        samples_per_s=sum(step_samples[first:]) / sum(step_times[first:]) if step_times else None,
         mem_peak_gb=peak_memory_gb(device), host_peak_rss_gb=host_peak_rss_gb(),
         export_path=export_path, losses=losses, resumed_from=resume_path,
     )

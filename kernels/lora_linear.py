@@ -215,13 +215,15 @@ def pick_split_k(m: int, n: int, k: int, device: torch.device) -> int:
     """Split the reduction when the output has too few tiles to fill the machine.
 
     Heuristic (unmeasured): aim for about one program per SM using 128 x 128 tiles, keep at
-    least 4 BLOCK_K=64 tiles (256 elements of K) per split, at most 16 splits.
+    least 4 BLOCK_K=64 tiles (256 elements of K) per split, at most 16 splits, and only
+    powers of two (SPLIT_K is a constexpr: each value is one more compiled / tuned variant).
     """
     tiles = triton.cdiv(m, 128) * triton.cdiv(n, 128)
     sms = _num_sms(device)
     if tiles >= sms:
         return 1
-    return max(1, min(16, sms // tiles, k // 256))
+    split = max(1, min(16, sms // tiles, k // 256))
+    return 1 << (split.bit_length() - 1)
 
 
 def fused_mm(

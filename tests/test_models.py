@@ -169,12 +169,14 @@ def test_tiny_scheduler_matches_the_reference(tiny: dict[str, Path], variant: st
     s = 3.0 if variant == "cogvideox-2b" else 1.0
     assert sched.config.snr_shift_scale == s
 
-    # REFERENCE.md: scaled_linear 0.00085..0.012, zero-terminal-SNR rescale, then the SNR shift.
+    # scaled_linear 0.00085..0.012, the SNR shift abar / (s + (1 - s) abar), then the
+    # zero-terminal-SNR rescale, in the order diffusers' CogVideoXDPMScheduler applies them
+    # (REFERENCE.md lists the two steps in the other order; for s = 1 the order does not matter).
     betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
-    sqrt_abar = torch.cumprod(1 - betas, 0).sqrt()
+    abar0 = torch.cumprod(1 - betas, 0)
+    abar0 = abar0 / (s + (1 - s) * abar0)
+    sqrt_abar = abar0.sqrt()
     first, last = sqrt_abar[0].clone(), sqrt_abar[-1].clone()
-    sqrt_abar = (sqrt_abar - last) * first / (first - last)
-    want = sqrt_abar**2
-    want = want / (s + (1 - s) * want)
+    want = ((sqrt_abar - last) * first / (first - last)) ** 2
     torch.testing.assert_close(abar, want, rtol=1e-10, atol=1e-12)
     assert torch.all(abar[1:] <= abar[:-1])  # monotonically decreasing noise level

@@ -20,9 +20,6 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
-from tqdm import tqdm
-
-from fastcog.data.listfile import Sample
 
 CACHE_FORMAT = 1  # bump when the stored layout changes: old items are then simply not found
 
@@ -38,15 +35,19 @@ class CacheSpec:
     width: int
     sampling: str = "reference"
     resize: str = "stretch"
+    latent_mode: str = "sample"
+    seed: int = 0
+    """Seeds the VAE sample and `random` frame windows (per item, so sharding cannot change them)."""
 
 
 @dataclass(frozen=True)
 class CachedItem:
-    """Paths of one training sample's cached tensors."""
+    """Paths of one training sample's cached tensors, and its resolution bucket."""
 
     latents: Path
     prompt_embeds: Path
     image: Path | None = None
+    bucket: int = 0
 
 
 def model_fingerprint(model_path: Path) -> str:
@@ -105,11 +106,20 @@ class Encoder:
             vae.enable_tiling()
 
     @torch.no_grad()
-    def encode_video(self, frames: torch.Tensor) -> torch.Tensor:
-        """[F, 3, H, W] in [-1, 1] -> scaled latents [C, F', H/8, W/8]."""
+    def encode_video(self, frames: torch.Tensor, mode: str = "sample", seed: int = 0) -> torch.Tensor:
+        """[F, 3, H, W] in [-1, 1] -> scaled latents [C, F', H/8, W/8].
+
+        `sample` draws one latent from the VAE posterior, as the reference does, but from a
+        generator seeded per item (the reference uses the global RNG, so its cache depends on
+        the encoding order and the number of ranks); `mean` takes the posterior mean.
+        """
         x = frames.to(self.device, self.vae.dtype).permute(1, 0, 2, 3).unsqueeze(0)  # [1, 3, F, H, W]
-        latents = self.vae.encode(x).latent_dist.sample() * self.vae.config.scaling_factor
-        return latents[0]
+        dist = self.vae.encode(x).latent_dist
+        if mode == "mean":
+            latents = dist.mode()
+        else:
+            latents = dist.sample(generator=torch.Generator(self.device).manual_seed(seed))
+        return latents[0] * self.vae.config.scaling_factor
 
     @torch.no_grad()
     def encode_prompt(self, prompt: str) -> torch.Tensor:
@@ -119,69 +129,6 @@ class Encoder:
             add_special_tokens=True, return_tensors="pt",
         ).input_ids.to(self.device)
         return self.text_encoder(ids)[0][0]
-
-
-def prepare_cache(
-    samples: Sequence[Sample],
-    cache_dir: Path,
-    spec: CacheSpec,
-    encoder: Encoder | None,
-    need_images: bool,
-    show_progress: bool = True,
-) -> tuple[list[CachedItem], dict[str, int]]:
-    """Make sure every sample is cached; encode what is missing. Returns items and counts.
-
-    `encoder` may be None when the caller knows (or wants to check) that everything is
-    cached already; a missing item then raises.
-    """
-    from fastcog.data.video import decode_video, first_frame, load_image
-
-    items: list[CachedItem] = []
-    counts = {"encoded": 0, "reused": 0}
-    bar = tqdm(samples, desc="caching latents", unit="clip", disable=not show_progress, dynamic_ncols=True)
-    for sample in bar:
-        lat = cache_dir / "latents" / f"{video_key(spec, sample.video)}.safetensors"
-        emb = cache_dir / "prompts" / f"{prompt_key(spec, sample.caption)}.safetensors"
-        img = None
-        if need_images:
-            source = sample.image or sample.video
-            img = cache_dir / "images" / f"{image_key(spec, source, sample.image is None)}.safetensors"
-        todo = [p for p in (lat, emb, img) if p is not None and not p.is_file()]
-        if todo and encoder is None:
-            raise FileNotFoundError(f"{todo[0]} is not cached and no encoder was given")
-        if not lat.is_file():
-            frames = decode_video(sample.video, spec.num_frames, spec.height, spec.width, spec.sampling, spec.resize)
-            save_atomic({"latents": encoder.encode_video(frames)}, lat)
-        if not emb.is_file():
-            save_atomic({"prompt_embeds": encoder.encode_prompt(sample.caption)}, emb)
-        if img is not None and not img.is_file():
-            if sample.image is not None:
-                image = load_image(sample.image, spec.height, spec.width)
-            else:
-                image = first_frame(sample.video, spec.height, spec.width)
-            save_atomic({"image": image}, img)
-        counts["encoded" if todo else "reused"] += 1
-        items.append(CachedItem(lat, emb, img))
-    _write_manifest(cache_dir, spec, samples, items)
-    return items, counts
-
-
-def _write_manifest(cache_dir: Path, spec: CacheSpec, samples: Sequence[Sample], items: list[CachedItem]) -> None:
-    manifest = {
-        "format": CACHE_FORMAT,
-        "spec": spec.__dict__,
-        "items": [
-            {
-                "video": str(s.video), "caption": s.caption, "image": None if s.image is None else str(s.image),
-                "latents": it.latents.name, "prompt_embeds": it.prompt_embeds.name,
-                "image_cache": None if it.image is None else it.image.name,
-            }
-            for s, it in zip(samples, items)
-        ],
-    }
-    tmp = cache_dir / f".manifest.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, cache_dir / "manifest.json")
 
 
 class CachedDataset(torch.utils.data.Dataset):

@@ -278,3 +278,24 @@ def test_torch_compile_fullgraph_single_graph():
     torch.testing.assert_close(loss_c, loss_e, rtol=0, atol=0)
     for c, e in itertools.zip_longest((gx_c, ga_c, gb_c), (gx_e, ga_e, gb_e)):
         torch.testing.assert_close(c, e, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_reference_matches_peft(dtype):
+    """lora_linear_reference is peft's LoRA Linear forward, bit for bit (and the kernel agrees
+    with peft within the parity rule)."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(8)
+    model = torch.nn.Sequential(torch.nn.Linear(40, 27))
+    cfg = peft.LoraConfig(r=8, lora_alpha=4, target_modules=["0"], init_lora_weights=False)
+    layer = peft.get_peft_model(model, cfg).base_model.model[0].to(device=device(), dtype=dtype)
+    x = torch.randn(3, 5, 40, device=device()).to(dtype)
+    w, b = layer.base_layer.weight, layer.base_layer.bias
+    a, bb = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    scale = layer.scaling["default"]
+    with torch.no_grad():
+        expected = layer(x)
+        assert torch.equal(lora_linear_reference(x, w, b, a, bb, scale), expected)
+        y = lora_linear(x, w, b, a, bb, scale)
+        truth = lora_linear_reference_fp64(x, w, b, a, bb, scale)
+    assert_parity("y vs peft", y, truth, expected)

@@ -1,0 +1,240 @@
+"""`fastcog prepare`: decode, encode and cache every training sample, in parallel, resumably.
+
+Plan -> encode -> report:
+  plan     each sample gets a resolution bucket (probing the clip when there are several)
+           and cache paths keyed on everything that changes the content (cache.py)
+  encode   DataLoader workers decode clips and images; the main process runs the VAE and T5;
+           under torchrun every rank encodes its own share (item i goes to rank i % world)
+  report   a summary (encoded / reused / failed, items/s) and `failures.jsonl` listing every
+           clip that could not be decoded, with the reason. A failed clip is left out of
+           training; the run stops only when more than data.max_failed_fraction of them fail.
+
+Every file lands by atomic rename, so a killed prepare leaves only whole items behind and a
+re-run encodes just what is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from fastcog.config import Config
+from fastcog.data.buckets import Bucket, assign_bucket
+from fastcog.data.cache import (
+    CachedItem,
+    CacheSpec,
+    Encoder,
+    image_key,
+    model_fingerprint,
+    prompt_key,
+    save_atomic,
+    video_key,
+)
+from fastcog.data.listfile import Sample
+from fastcog.errors import DataError, FastcogError
+from fastcog.parallel import SINGLE_PROCESS, World, all_gather_objects, barrier
+
+
+@dataclass(frozen=True)
+class PlannedItem:
+    index: int
+    sample: Sample
+    spec: CacheSpec
+    paths: CachedItem
+
+    def missing(self) -> list[Path]:
+        return [p for p in (self.paths.latents, self.paths.prompt_embeds, self.paths.image)
+                if p is not None and not p.is_file()]
+
+
+@dataclass
+class PrepareResult:
+    items: list[CachedItem]
+    """The cached items usable for training (failed samples left out), in sample order."""
+    encoded: int = 0
+    reused: int = 0
+    failures: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def summary(self, cache_dir: Path) -> str:
+        rate = self.encoded / self.seconds if self.seconds > 0 and self.encoded else 0.0
+        line = (f"prepare: {self.encoded} encoded, {self.reused} reused, {len(self.failures)} failed "
+                f"in {self.seconds:.1f} s ({rate:.2f} items/s encoded) -> {cache_dir}")
+        if self.failures:
+            line += f"\n  failures listed in {cache_dir / 'failures.jsonl'}"
+        return line
+
+
+def cache_dir_for(cfg: Config) -> Path:
+    d = cfg.data
+    return Path(d.cache_dir) if d.cache_dir else Path(d.data_root) / ".fastcog_cache"
+
+
+def buckets_for(cfg: Config) -> list[Bucket]:
+    d = cfg.data
+    return [tuple(b) for b in d.buckets] if d.buckets else [(d.num_frames, d.height, d.width)]
+
+
+def _item_seed(key: str, seed: int) -> int:
+    return (int(key[:12], 16) + seed) % (2**63 - 1)
+
+
+def plan(cfg: Config, samples: Sequence[Sample], need_images: bool) -> tuple[list[PlannedItem], list[dict]]:
+    """Bucket and key every sample. Clips that cannot even be probed are failures."""
+    from fastcog.data.video import probe_video
+
+    d = cfg.data
+    buckets = buckets_for(cfg)
+    fingerprint = model_fingerprint(Path(cfg.model.path))
+    cache_dir = cache_dir_for(cfg)
+    planned, failures = [], []
+    for index, sample in enumerate(samples):
+        bucket = 0
+        if len(buckets) > 1:
+            try:
+                info = probe_video(sample.video)
+            except DataError as err:
+                failures.append({"index": index, "video": str(sample.video), "reason": str(err)})
+                continue
+            bucket = assign_bucket(info.num_frames, info.height, info.width, buckets)
+        frames, height, width = buckets[bucket]
+        spec = CacheSpec(fingerprint, cfg.model.dtype, frames, height, width, d.sampling, d.resize,
+                         d.latent_mode, cfg.train.seed)
+        image = None
+        if need_images:
+            source = sample.image or sample.video
+            image = cache_dir / "images" / f"{image_key(spec, source, sample.image is None)}.safetensors"
+        paths = CachedItem(
+            latents=cache_dir / "latents" / f"{video_key(spec, sample.video)}.safetensors",
+            prompt_embeds=cache_dir / "prompts" / f"{prompt_key(spec, sample.caption)}.safetensors",
+            image=image, bucket=bucket,
+        )
+        planned.append(PlannedItem(index, sample, spec, paths))
+    return planned, failures
+
+
+class _DecodeJobs(torch.utils.data.Dataset):
+    """Runs in DataLoader workers: decode what an item still lacks; failures are returned, not raised."""
+
+    def __init__(self, items: Sequence[PlannedItem]) -> None:
+        self.items = list(items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        from fastcog.data.video import decode_video, first_frame, load_image
+
+        item = self.items[i]
+        spec, sample, paths = item.spec, item.sample, item.paths
+        out: dict = {"i": i}
+        try:
+            if not paths.latents.is_file():
+                rng = torch.Generator().manual_seed(_item_seed(paths.latents.stem, spec.seed))
+                out["frames"] = decode_video(sample.video, spec.num_frames, spec.height, spec.width,
+                                             spec.sampling, spec.resize, rng=rng)
+            if paths.image is not None and not paths.image.is_file():
+                if sample.image is not None:
+                    out["image"] = load_image(sample.image, spec.height, spec.width, spec.resize)
+                else:
+                    out["image"] = first_frame(sample.video, spec.height, spec.width, spec.resize)
+        except DataError as err:
+            out = {"i": i, "error": str(err)}
+        return out
+
+
+def prepare(
+    cfg: Config,
+    samples: Sequence[Sample],
+    need_images: bool,
+    make_encoder: Callable[[], Encoder],
+    world: World = SINGLE_PROCESS,
+    show_progress: bool = True,
+) -> PrepareResult:
+    """Make sure every sample is cached (encoding what is missing) and report on it.
+
+    `make_encoder` is only called when something needs encoding, so a fully cached dataset
+    never loads the VAE or T5.
+    """
+    t0 = time.perf_counter()
+    cache_dir = cache_dir_for(cfg)
+    planned, failures = plan(cfg, samples, need_images)
+    todo = [it for it in planned if it.missing()]
+    mine = [it for k, it in enumerate(todo) if k % world.world_size == world.rank]
+    encoded = 0
+    if mine:
+        if not cfg.data.prepare_missing:
+            raise FastcogError(
+                f"{len(todo)} of {len(planned)} samples are not cached in {cache_dir} and data.prepare_missing "
+                "is false: run `fastcog prepare CONFIG` first (or set data.prepare_missing=true)"
+            )
+        encoder = make_encoder()
+        loader = torch.utils.data.DataLoader(
+            _DecodeJobs(mine), batch_size=None, shuffle=False, num_workers=cfg.data.prepare_workers,
+            prefetch_factor=2 if cfg.data.prepare_workers else None,
+        )
+        bar = tqdm(loader, total=len(mine), desc=f"prepare (rank {world.rank})" if world.distributed else "prepare",
+                   unit="item", disable=not show_progress, dynamic_ncols=True)
+        for job in bar:
+            item = mine[job["i"]]
+            if "error" in job:
+                failures.append({"index": item.index, "video": str(item.sample.video), "reason": job["error"]})
+                continue
+            paths, spec = item.paths, item.spec
+            if "frames" in job:
+                seed = _item_seed(paths.latents.stem, spec.seed)
+                save_atomic({"latents": encoder.encode_video(job["frames"], spec.latent_mode, seed)}, paths.latents)
+            if not paths.prompt_embeds.is_file():
+                save_atomic({"prompt_embeds": encoder.encode_prompt(item.sample.caption)}, paths.prompt_embeds)
+            if "image" in job:
+                save_atomic({"image": job["image"]}, paths.image)
+            encoded += 1
+    all_failures = [f for part in all_gather_objects(failures) for f in part]  # type: ignore[union-attr]
+    # Probe failures are found by every rank alike; keep one of each.
+    unique = {f["index"]: f for f in all_failures}
+    failures = [unique[k] for k in sorted(unique)]
+    encoded = sum(all_gather_objects(encoded))  # type: ignore[arg-type]
+    barrier()
+    failed = {f["index"] for f in failures}
+    items = [it.paths for it in planned if it.index not in failed]
+    result = PrepareResult(items=items, encoded=encoded, reused=len(planned) - len(todo), failures=failures,
+                           seconds=time.perf_counter() - t0)
+    if world.is_main:
+        _write_reports(cache_dir, planned, failed, failures)
+    barrier()
+    total = len(samples)
+    if total and len(failures) / total > cfg.data.max_failed_fraction:
+        raise DataError(
+            f"{len(failures)} of {total} clips could not be used (more than data.max_failed_fraction="
+            f"{cfg.data.max_failed_fraction}); first: {failures[0]['reason']}; all listed in "
+            f"{cache_dir / 'failures.jsonl'}"
+        )
+    if not items:
+        raise DataError(f"no usable samples: every clip failed (see {cache_dir / 'failures.jsonl'})")
+    return result
+
+
+def _write_reports(cache_dir: Path, planned: Sequence[PlannedItem], failed: set[int], failures: list[dict]) -> None:
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    manifest = {
+        "items": [
+            {"index": it.index, "video": str(it.sample.video), "caption": it.sample.caption,
+             "image": None if it.sample.image is None else str(it.sample.image),
+             "bucket": [it.spec.num_frames, it.spec.height, it.spec.width], "spec": it.spec.__dict__,
+             "latents": it.paths.latents.name, "prompt_embeds": it.paths.prompt_embeds.name,
+             "image_cache": None if it.paths.image is None else it.paths.image.name}
+            for it in planned if it.index not in failed
+        ],
+    }
+    for name, text in (("manifest.json", json.dumps(manifest, indent=1)),
+                       ("failures.jsonl", "".join(json.dumps(f) + "\n" for f in failures))):
+        tmp = cache_dir / f".{name}.{os.getpid()}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, cache_dir / name)
