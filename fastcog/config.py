@@ -297,7 +297,9 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
 
 def apply_overrides(raw: dict[str, Any], overrides: typing.Sequence[str]) -> dict[str, Any]:
     """Apply `section.key=value` strings (value parsed as YAML) to a raw config dict."""
-    out = {k: dict(v or {}) for k, v in raw.items()}
+    if not isinstance(raw, dict):
+        raise ConfigError("the config file must be a YAML mapping of sections (model:, data:, ...)")
+    out = {k: dict(v) if isinstance(v, dict) else ({} if v is None else v) for k, v in raw.items()}
     for item in overrides:
         if "=" not in item or "." not in item.split("=", 1)[0]:
             raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. --set train.seed=1")
@@ -305,7 +307,10 @@ def apply_overrides(raw: dict[str, Any], overrides: typing.Sequence[str]) -> dic
         section, key = dotted.strip().split(".", 1)
         if section not in SECTIONS:
             raise ConfigError(f"--set {item!r}: unknown section '{section}'{_closest(section, SECTIONS)}")
-        out.setdefault(section, {})[key] = yaml.safe_load(text) if text.strip() else None
+        target = out.setdefault(section, {})
+        if not isinstance(target, dict):
+            raise ConfigError(f"section {section!r} must be a mapping of keys to values, got {target!r}")
+        target[key] = yaml.safe_load(text) if text.strip() else None
     return out
 
 

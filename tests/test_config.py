@@ -200,11 +200,6 @@ def test_top_level_not_a_mapping_is_a_config_error() -> None:
         config_from_dict(["model", "data"])  # type: ignore[arg-type]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: load_config runs apply_overrides before the mapping checks, so a non-mapping "
-    "section or file raises ValueError/AttributeError (a traceback) instead of ConfigError",
-)
 @pytest.mark.parametrize("text", ["model: [a, b]\n", "model: ckpt\n", "- model\n- data\n"])
 def test_non_mapping_yaml_is_a_config_error(tmp_path: Path, text: str) -> None:
     path = tmp_path / "cfg.yaml"

@@ -56,12 +56,10 @@ class BucketBatchSampler(torch.utils.data.Sampler[list[int]]):
         batches = []
         for bucket in sorted(per_bucket):
             members = per_bucket[bucket]
-            for start in range(0, len(members), size):
-                chunk = members[start : start + size]
-                if len(chunk) == size or self.world_size == 1:
-                    batches.append(chunk)
+            batches += [members[start : start + size] for start in range(0, len(members), size)]
         shuffle = torch.randperm(len(batches), generator=g).tolist()
-        return [batches[i] for i in shuffle]
+        # Drop after shuffling, so the order of the full batches does not depend on world_size.
+        return [batches[i] for i in shuffle if self.world_size == 1 or len(batches[i]) == size]
 
     def __iter__(self) -> Iterator[list[int]]:
         b, r = self.batch_size, self.rank

@@ -166,7 +166,14 @@ def prepare(
     t0 = time.perf_counter()
     cache_dir = cache_dir_for(cfg)
     planned, failures = plan(cfg, samples, need_images)
-    todo = [it for it in planned if it.missing()]
+    # A clip that failed before and has not changed since (same cache key) fails again without
+    # another decode attempt; editing or replacing the file changes its key and retries it.
+    known_bad = _previous_failures(cache_dir)
+    for it in planned:
+        if it.missing() and it.paths.latents.stem in known_bad:
+            failures.append({**known_bad[it.paths.latents.stem], "index": it.index})
+    retried = {f["index"] for f in failures}
+    todo = [it for it in planned if it.index not in retried and it.missing()]
     mine = [it for k, it in enumerate(todo) if k % world.world_size == world.rank]
     encoded = 0
     if mine:
@@ -185,7 +192,8 @@ def prepare(
         for job in bar:
             item = mine[job["i"]]
             if "error" in job:
-                failures.append({"index": item.index, "video": str(item.sample.video), "reason": job["error"]})
+                failures.append({"index": item.index, "video": str(item.sample.video), "reason": job["error"],
+                                 "key": item.paths.latents.stem})
                 continue
             paths, spec = item.paths, item.spec
             if "frames" in job:
@@ -204,7 +212,7 @@ def prepare(
     barrier()
     failed = {f["index"] for f in failures}
     items = [it.paths for it in planned if it.index not in failed]
-    result = PrepareResult(items=items, encoded=encoded, reused=len(planned) - len(todo), failures=failures,
+    result = PrepareResult(items=items, encoded=encoded, reused=len(items) - encoded, failures=failures,
                            seconds=time.perf_counter() - t0)
     if world.is_main:
         _write_reports(cache_dir, planned, failed, failures)
@@ -219,6 +227,15 @@ def prepare(
     if not items:
         raise DataError(f"no usable samples: every clip failed (see {cache_dir / 'failures.jsonl'})")
     return result
+
+
+def _previous_failures(cache_dir: Path) -> dict[str, dict]:
+    """Failures recorded by an earlier prepare, by cache key."""
+    report = cache_dir / "failures.jsonl"
+    if not report.is_file():
+        return {}
+    rows = [json.loads(line) for line in report.read_text().splitlines() if line.strip()]
+    return {row["key"]: row for row in rows if "key" in row}
 
 
 def _write_reports(cache_dir: Path, planned: Sequence[PlannedItem], failed: set[int], failures: list[dict]) -> None:

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from fastcog.data.listfile import read_list_dataset
-from fastcog.data.synthetic import make_synthetic_dataset, write_video
-from fastcog.data.video import decode_video, first_frame, load_image
+from fastcog.data.listfile import read_list_dataset, read_metadata_dataset
+from fastcog.data.synthetic import make_mixed_dataset, make_synthetic_dataset, truncate_file, write_video
+from fastcog.data.video import decode_video, first_frame, load_image, probe_video
+from fastcog.errors import DataError
 
 F, H, W = 9, 32, 48
 
@@ -93,3 +94,77 @@ def test_write_video_mpeg4_fallback(tmp_path: Path) -> None:
     video = decode_video(path, 4, H, W)
     assert video.shape == (4, 3, H, W)
     assert abs(float(video.mean()) - (200 / 127.5 - 1)) < 0.05
+
+
+# --- mixed datasets and corrupt files --------------------------------------------------------
+
+MIXED_SPECS = [
+    {"num_frames": 9, "height": 32, "width": 48, "fps": 8},
+    {"num_frames": 17, "height": 48, "width": 32, "fps": 24},  # tall
+    {"num_frames": 2, "height": 31, "width": 45, "fps": 29.97},  # odd size, 2 frames
+    {"num_frames": 1, "height": 16, "width": 16, "fps": 1},  # a single frame
+    {"num_frames": 5, "height": 16, "width": 64, "fps": 12.5},  # very wide
+]
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_mixed_dataset(tmp_path_factory.mktemp("mixed") / "ds", MIXED_SPECS, seed=3)
+
+
+def test_mixed_dataset_layout_and_formats_agree(mixed: Path) -> None:
+    listed = read_list_dataset(mixed, "prompts.txt", "videos.txt")
+    assert len(listed) == len(MIXED_SPECS)
+    assert len({s.caption for s in listed}) == len(listed)
+    assert all("," in s.caption for s in listed)  # so the CSV really has quoted fields
+    assert read_metadata_dataset(mixed, "metadata.csv") == listed
+    assert read_metadata_dataset(mixed, "metadata.jsonl") == listed
+    assert '"' in (mixed / "metadata.csv").read_text()
+
+
+def test_mixed_dataset_clips_match_specs(mixed: Path) -> None:
+    samples = read_list_dataset(mixed, "prompts.txt", "videos.txt")
+    for spec, sample in zip(MIXED_SPECS, samples, strict=True):
+        info = probe_video(sample.video)
+        assert (info.num_frames, info.height, info.width) == (spec["num_frames"], spec["height"], spec["width"])
+        assert info.fps == pytest.approx(spec["fps"], rel=1e-3)
+        # Every odd input decodes into the training shape in every mode.
+        for sampling, resize in [("reference", "stretch"), ("uniform", "resize_crop"), ("random", "resize_crop")]:
+            rng = torch.Generator().manual_seed(0)
+            clip = decode_video(sample.video, 9, 16, 24, sampling, resize, rng=rng)
+            assert clip.shape == (9, 3, 16, 24)
+            assert -1.0 <= clip.min() and clip.max() <= 1.0
+
+
+def test_mixed_dataset_idempotent_and_validated(tmp_path: Path) -> None:
+    specs = MIXED_SPECS[:2]
+    root = make_mixed_dataset(tmp_path / "ds", specs)
+    video = root / "videos" / "clip_000.mp4"
+    os.utime(video, ns=(1_000_000_000, 1_000_000_000))
+    make_mixed_dataset(root, specs)
+    assert video.stat().st_mtime_ns == 1_000_000_000
+    make_mixed_dataset(root, specs[:1])  # other specs: rewritten
+    assert len((root / "videos.txt").read_text().splitlines()) == 1
+    with pytest.raises(ValueError, match="missing \\['fps'\\]"):
+        make_mixed_dataset(tmp_path / "bad", [{"num_frames": 3, "height": 16, "width": 16}])
+    with pytest.raises(ValueError, match="at least one"):
+        make_mixed_dataset(tmp_path / "bad", [])
+
+
+def test_truncate_file(mixed: Path, tmp_path: Path) -> None:
+    source = mixed / "videos" / "clip_000.mp4"
+    size = source.stat().st_size
+    copy = truncate_file(source, 0.5, tmp_path / "sub" / "cut.mp4")
+    assert copy.stat().st_size == size // 2
+    assert source.stat().st_size == size  # the source is kept
+    assert copy.read_bytes() == source.read_bytes()[: size // 2]
+    for fn in (probe_video, lambda p: decode_video(p, 4, 16, 16)):
+        with pytest.raises(DataError, match="cut.mp4"):
+            fn(copy)
+
+    in_place = tmp_path / "in_place.mp4"
+    in_place.write_bytes(source.read_bytes())
+    assert truncate_file(in_place, 0.25) == in_place
+    assert in_place.stat().st_size == int(size * 0.25)
+    with pytest.raises(ValueError, match="fraction"):
+        truncate_file(in_place, 1.0)

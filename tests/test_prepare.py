@@ -1,0 +1,186 @@
+"""`fastcog prepare`: failures report, reuse, kill-and-rerun, torchrun sharding, buckets."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from fastcog.config import config_from_dict, validate
+from fastcog.data.prepare import cache_dir_for, prepare
+from fastcog.data.synthetic import make_mixed_dataset, truncate_file
+from fastcog.errors import DataError, FastcogError
+from fastcog.trainer import check_inputs, make_encoder_factory, train
+
+SPECS = [  # several sizes, lengths and frame rates
+    {"num_frames": 12, "height": 48, "width": 80, "fps": 8},
+    {"num_frames": 20, "height": 64, "width": 96, "fps": 24},
+    {"num_frames": 5, "height": 60, "width": 60, "fps": 12.5},
+    {"num_frames": 30, "height": 96, "width": 64, "fps": 30},
+    {"num_frames": 9, "height": 64, "width": 96, "fps": 10},
+    {"num_frames": 17, "height": 40, "width": 40, "fps": 15},
+]
+
+
+@pytest.fixture()
+def mixed(tmp_path) -> Path:
+    root = make_mixed_dataset(tmp_path / "mixed", SPECS, seed=0)
+    videos = (root / "videos.txt").read_text().split()
+    truncate_file(root / videos[1], 0.4)  # one corrupt clip (another landscape clip remains)
+    return root
+
+
+def raw_config(model: Path, data_root: Path, out: Path, **sections) -> dict:
+    raw = {
+        "model": {"path": str(model), "dtype": "fp32"},
+        "data": {"data_root": str(data_root), "num_frames": 9, "height": 64, "width": 96,
+                 "max_failed_fraction": 0.2, "prepare_workers": 0},
+        "lora": {"rank": 4, "alpha": 4},
+        "train": {"output_dir": str(out), "batch_size": 1, "train_steps": 3, "gradient_checkpointing": False},
+        "checkpoint": {"every_steps": 0},
+        "log": {"report_to": "none", "progress_bar": False},
+    }
+    for name, values in sections.items():
+        raw.setdefault(name, {}).update(values)
+    return raw
+
+
+def build(raw: dict):
+    cfg = config_from_dict(raw)
+    validate(cfg)
+    return cfg
+
+
+def run_prepare(cfg):
+    variant, samples = check_inputs(cfg)
+    return prepare(cfg, samples, variant.is_i2v, make_encoder_factory(cfg, torch.device("cpu"), variant),
+                   show_progress=False)
+
+
+def cache_contents(cache: Path) -> dict[str, dict[str, torch.Tensor]]:
+    return {str(p.relative_to(cache)): load_file(str(p)) for p in sorted(cache.rglob("*.safetensors"))}
+
+
+def test_corrupt_clip_is_reported_and_skipped_then_everything_is_reused(tiny_checkpoint, mixed, tmp_path):
+    cfg = build(raw_config(tiny_checkpoint("cogvideox-5b"), mixed, tmp_path / "out"))
+    first = run_prepare(cfg)
+    assert (first.encoded, first.reused, len(first.failures)) == (5, 0, 1)
+    assert len(first.items) == 5
+    report = [json.loads(line) for line in (cache_dir_for(cfg) / "failures.jsonl").read_text().splitlines()]
+    assert len(report) == 1 and "clip_001" in report[0]["video"] and report[0]["reason"]
+    manifest = json.loads((cache_dir_for(cfg) / "manifest.json").read_text())
+    assert len(manifest["items"]) == 5
+    for item in first.items:  # every cached item is whole and has the bucket's shape
+        assert load_file(str(item.latents))["latents"].shape == (16, 3, 8, 12)
+
+    second = run_prepare(cfg)
+    assert (second.encoded, second.reused) == (0, 5)
+    assert "0 encoded" in second.summary(cache_dir_for(cfg))
+
+
+def test_too_many_failures_stop_the_run(tiny_checkpoint, mixed, tmp_path):
+    cfg = build(raw_config(tiny_checkpoint("cogvideox-5b"), mixed, tmp_path / "out",
+                           data={"max_failed_fraction": 0.1}))
+    with pytest.raises(DataError, match="max_failed_fraction"):
+        run_prepare(cfg)
+
+
+def test_cache_key_changes_with_what_changes_the_content(tiny_checkpoint, mixed, tmp_path):
+    base = raw_config(tiny_checkpoint("cogvideox-5b"), mixed, tmp_path / "out")
+    names = {}
+    for label, data in {"base": {}, "crop": {"resize": "resize_crop"}, "uniform": {"sampling": "uniform"},
+                        "mean": {"latent_mode": "mean"}, "size": {"height": 48}}.items():
+        raw = json.loads(json.dumps(base))
+        raw["data"].update(data)
+        names[label] = {it.latents.name for it in run_prepare(build(raw)).items}
+    assert all(names["base"].isdisjoint(other) for label, other in names.items() if label != "base")
+
+
+def test_train_without_prepare_missing_requires_a_prepared_cache(tiny_checkpoint, mixed, tmp_path):
+    raw = raw_config(tiny_checkpoint("cogvideox-5b"), mixed, tmp_path / "out", data={"prepare_missing": False})
+    with pytest.raises(FastcogError, match="fastcog prepare"):
+        train(build(raw))
+    raw["data"]["prepare_missing"] = True
+    run_prepare(build(raw))
+    raw["data"]["prepare_missing"] = False
+    raw["train"]["output_dir"] = str(tmp_path / "out2")
+    assert len(train(build(raw)).losses) == 3
+
+
+KILLER = """
+import os, signal, sys
+import fastcog.data.prepare as prep
+real = prep.save_atomic
+calls = {"n": 0}
+def dying_save(tensors, path):
+    calls["n"] += 1
+    if calls["n"] == 4:  # the 4th file: write a partial temp file, then die mid-write
+        (path.parent).mkdir(parents=True, exist_ok=True)
+        path.with_name("." + path.name + ".partial.tmp").write_bytes(b"half a safetensors file")
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(tensors, path)
+prep.save_atomic = dying_save
+from fastcog.cli import main
+sys.exit(main(["prepare", sys.argv[1]]))
+"""
+
+
+def test_killed_prepare_resumes_and_leaves_a_valid_cache(tiny_checkpoint, mixed, tmp_path):
+    raw = raw_config(tiny_checkpoint("cogvideox-5b"), mixed, tmp_path / "out")
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(raw))
+    killed = subprocess.run([sys.executable, "-c", KILLER, str(cfg_path)], capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr
+    cache = cache_dir_for(build(raw))
+    assert not (cache / "manifest.json").exists()  # the killed run never got to the end
+    partial_items = list(cache.rglob("*.safetensors"))
+    assert 0 < len(partial_items) < 10
+
+    rerun = subprocess.run([sys.executable, "-m", "fastcog", "prepare", str(cfg_path)], capture_output=True,
+                           text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "1 failed" in rerun.stdout
+    assert "0 reused" not in rerun.stdout or "5 encoded" in rerun.stdout
+    contents = cache_contents(cache)
+    assert len(contents) == 10  # 5 clips x (latents + prompt embedding)
+    manifest = json.loads((cache / "manifest.json").read_text())
+    for item in manifest["items"]:
+        assert load_file(str(cache / "latents" / item["latents"]))["latents"].isfinite().all()
+
+
+def test_torchrun_two_ranks_make_the_same_cache_as_one(tiny_checkpoint, mixed, tmp_path):
+    model = tiny_checkpoint("cogvideox-5b")
+    caches = {}
+    for ranks in (1, 2):
+        raw = raw_config(model, mixed, tmp_path / f"out{ranks}", data={"cache_dir": str(tmp_path / f"cache{ranks}")})
+        cfg_path = tmp_path / f"cfg{ranks}.yaml"
+        cfg_path.write_text(yaml.safe_dump(raw))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "-m", "fastcog",
+               "prepare", str(cfg_path)]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        caches[ranks] = cache_contents(tmp_path / f"cache{ranks}")
+    assert caches[1].keys() == caches[2].keys() and len(caches[1]) == 10
+    for name, tensors in caches[1].items():
+        for key, value in tensors.items():
+            assert torch.equal(value, caches[2][name][key]), name
+
+
+def test_bucketed_training_with_mixed_shapes(tiny_checkpoint, mixed, tmp_path):
+    buckets = [[9, 64, 96], [9, 64, 64], [17, 96, 64]]
+    raw = raw_config(tiny_checkpoint("cogvideox-5b"), mixed, tmp_path / "out",
+                     data={"buckets": buckets, "resize": "resize_crop"}, train={"train_steps": 6})
+    summary = train(build(raw))
+    assert len(summary.losses) == 6 and all(0 < x < 100 for x in summary.losses)
+    manifest = json.loads((cache_dir_for(build(raw)) / "manifest.json").read_text())
+    assert len({tuple(item["bucket"]) for item in manifest["items"]}) == 3
+    rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert len({r["tokens_per_s"] / r["samples_per_s"] for r in rows}) > 1  # batches of different shapes ran
