@@ -14,7 +14,16 @@ The kernels need CUDA tensors, or ``TRITON_INTERPRET=1`` set before this package
 imported (the CPU test tier does that in tests/conftest.py).
 """
 
-from .diffusion_loss import add_noise, velocity_mse_loss
-from .lora_linear import lora_linear
+# Only ever define the ops as fastcog.kernels. With the repository root on sys.path (pytest's
+# rootdir insertion, `python -m` from the checkout), transformers' and diffusers' probes for the
+# PyPI package `kernels` import this directory as a top-level `kernels`. Executing the modules a
+# second time would re-run torch.library.custom_op("fastcog::..."), which destroys the first
+# registration and leaves fastcog.kernels' op handles dangling (use after free: random
+# "ValueError: vector::reserve" in later calls). Under any other name this package is empty.
+if __name__ == "fastcog.kernels":
+    from .diffusion_loss import add_noise, velocity_mse_loss
+    from .lora_linear import lora_linear
 
-__all__ = ["lora_linear", "add_noise", "velocity_mse_loss"]
+    __all__ = ["lora_linear", "add_noise", "velocity_mse_loss"]
+else:
+    __all__ = []

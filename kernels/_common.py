@@ -20,6 +20,9 @@ import torch
 import triton
 import triton.language as tl
 
+if __package__ != "fastcog.kernels":  # see kernels/__init__.py: never register the ops twice
+    raise ImportError(f"{__name__}: import the kernels as fastcog.kernels, not as {__package__!r}")
+
 # Read once at import: TRITON_INTERPRET must be set before a @triton.jit kernel is defined.
 INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Upcast loaded tiles to fp32 before arithmetic (see module docstring).
