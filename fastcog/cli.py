@@ -63,19 +63,22 @@ def _cmd_make_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="path to a YAML config (see configs/)")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                   help="override a config value, e.g. --set train.train_steps=10 (repeatable)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from fastcog.variants import VARIANTS
 
     parser = argparse.ArgumentParser(prog="fastcog", description="Fast CogVideoX fine-tuning.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train from a YAML config")
-    p.add_argument("config", help="path to a YAML config (see configs/)")
-    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
-                   help="override a config value, e.g. --set train.train_steps=10 (repeatable)")
+    _add_config_args(p)
     p.set_defaults(func=_cmd_train)
     p = sub.add_parser("prepare", help="encode the dataset into the latent/embedding cache (torchrun-aware)")
-    p.add_argument("config", help="path to a YAML config")
-    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value")
+    _add_config_args(p)
     p.set_defaults(func=_cmd_prepare)
     p = sub.add_parser("make-tiny", help="write a tiny random diffusers checkpoint of a variant")
     p.add_argument("variant", choices=VARIANTS)

@@ -44,11 +44,10 @@ def render_validation(cfg: Config, comps: Any, transformer: torch.nn.Module, out
                 img_path = Path(v.images[i])
                 if not img_path.is_absolute():
                     img_path = Path(d.data_root) / img_path
-                img = (load_image(img_path, d.height, d.width) + 1) * 127.5
-                kwargs["image"] = img.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
                 from PIL import Image
 
-                kwargs["image"] = Image.fromarray(kwargs["image"])
+                img = (load_image(img_path, d.height, d.width) + 1) * 127.5
+                kwargs["image"] = Image.fromarray(img.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy())
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
                 frames = pipe(
                     prompt=prompt, num_frames=d.num_frames, height=d.height, width=d.width,

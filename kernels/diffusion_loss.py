@@ -81,6 +81,18 @@ def _add_noise_kernel(
 
 
 @triton.jit
+def _residual(v_ptr, xt_ptr, z0_ptr, base, offs, mask, c_x, c_v):
+    """z0_hat - z0 = sqrt(abar) x_t - sqrt(1-abar) v - z0 for one block, in fp32 (0 on masked lanes).
+
+    Shared by the forward (sum of squares) and the backward (gradient), so both use one formula.
+    """
+    v = tl.load(v_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+    x_t = tl.load(xt_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+    z0 = tl.load(z0_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+    return c_x.to(tl.float32) * x_t - c_v.to(tl.float32) * v - z0
+
+
+@triton.jit
 def _vmse_partial_kernel(
     v_ptr, xt_ptr, z0_ptr, t_ptr, abar_ptr, partial_ptr, N,
     UPCAST: tl.constexpr, BLOCK: tl.constexpr,
@@ -92,10 +104,7 @@ def _vmse_partial_kernel(
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
     base = b.to(tl.int64) * N
-    v = tl.load(v_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-    x_t = tl.load(xt_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-    z0 = tl.load(z0_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-    d = c_x.to(tl.float32) * x_t - c_v.to(tl.float32) * v - z0  # masked lanes: 0 - 0 - 0 = 0
+    d = _residual(v_ptr, xt_ptr, z0_ptr, base, offs, mask, c_x, c_v)
     sq = tl.sum(d * d, axis=0)
     tl.store(partial_ptr + b * tl.num_programs(0) + pid, (w * sq.to(tl.float64)).to(tl.float32))
 
@@ -124,10 +133,7 @@ def _vmse_backward_kernel(
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
     base = b.to(tl.int64) * N
-    v = tl.load(v_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-    x_t = tl.load(xt_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-    z0 = tl.load(z0_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-    d = c_x.to(tl.float32) * x_t - c_v.to(tl.float32) * v - z0
+    d = _residual(v_ptr, xt_ptr, z0_ptr, base, offs, mask, c_x, c_v)
     tl.store(grad_ptr + base + offs, to_out_dtype(coef * d, grad_ptr.dtype.element_ty, UPCAST), mask=mask)
 
 
