@@ -112,7 +112,21 @@ class LoraConfig:
 @dataclass(frozen=True)
 class OptimConfig:
     name: str = "adamw"
-    """`adamw` or `adam` (torch)."""
+    """`adamw`, `adam` (torch); `adamw8bit_bnb` (bitsandbytes AdamW8bit); `adamw8bit`, `adamw4bit`,
+    `adamw_fp8` (torchao low-bit AdamW); `prodigy` (prodigyopt; set lr: 1.0); `came` (came-pytorch)."""
+    fused: bool = False
+    """torch adamw / adam only: the fused single-kernel implementation (`fused=True`)."""
+    cpu_offload: bool = False
+    """Keep optimizer state on the CPU and step there (torchao CPUOffloadOptimizer): less device
+    memory, slower steps."""
+    prodigy_d_coef: float = 1.0
+    """prodigy only: multiplies its estimate of the step size D."""
+    prodigy_safeguard_warmup: bool = True
+    """prodigy only: leave the LR warm-up out of the D estimate (recommended with warm-up)."""
+    came_betas3: float = 0.9999
+    """came only: the third beta (the instability-confidence average); betas gives the first two."""
+    came_eps2: float = 1e-16
+    """came only: the second epsilon (eps is the first)."""
     lr: float = 2e-5
     """Peak learning rate."""
     betas: tuple[float, float] = (0.9, 0.95)
@@ -149,10 +163,59 @@ class TrainConfig:
     """Passes over the dataset, unless train_steps is set."""
     train_steps: int | None = None
     """Optimizer steps; overrides train_epochs when set."""
-    gradient_checkpointing: bool = True
-    """Recompute each transformer block in backward (the reference default)."""
-    objective: str = "reference"
-    """`reference`: diffusers scheduler ops, eager, as the reference trainer computes the loss."""
+    activation_checkpointing: str = "full"
+    """Which activations each transformer block keeps for backward:
+    `full` recompute the whole block in backward (the reference's gradient checkpointing);
+    `none` keep everything (fastest, most memory);
+    `selective` keep attention outputs and their log-sum-exp, recompute linears and pointwise ops;
+    `auto` the fastest of these whose estimated memory fits (device memory - fast.memory_margin_gb),
+    with a log line giving the choice and the estimate."""
+
+
+@dataclass(frozen=True)
+class FastConfig:
+    """The fast path. Every switch off (the defaults) is the reference path, unchanged."""
+
+    lora_kernel: bool = False
+    """Run each LoRA linear through the fused Triton `lora_linear` (parameter names unchanged)."""
+    fused_loss: bool = False
+    """Noise and velocity-MSE loss through the fused Triton kernels (same draws, same loss)."""
+    attention: str = "reference"
+    """`reference`: diffusers' own CogVideoX attention processor. Otherwise fastcog's processor
+    with an explicit backend: `auto` (best available for the device, logged), `sdpa` (torch
+    chooses), `cudnn`, `flash`, `efficient`, `math` (SDPA backends), `fa3` (flash_attn_interface)
+    or `flash_attn` (flash-attn 2) when installed."""
+    compile: bool = False
+    """torch.compile each transformer block (after activation checkpointing is applied)."""
+    compile_fullgraph: bool = True
+    """Ask torch.compile for one graph per block (an error on a graph break instead of a slowdown)."""
+    fp8: str = "none"
+    """Frozen base linears in FP8 (e4m3, no weight-gradient GEMM): `none`, `tensorwise` (one scale
+    per tensor) or `rowwise` (one scale per row; more accurate)."""
+    fp8_min_features: int = 1024
+    """Only linears with in and out features both at least this use FP8 (small ones lose more to
+    the casts than they gain)."""
+    fp8_weight_storage: bool = False
+    """Store frozen base weights in FP8 (e4m3, per-row scale) and widen them at use: about half the
+    weight memory, slower matmuls. For low-memory runs; excludes `fp8`."""
+    memory_margin_gb: float = 4.0
+    """train.activation_checkpointing=auto: device memory kept free beyond the estimate."""
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """How several processes (launched by torchrun) share the work."""
+
+    strategy: str = "auto"
+    """`fsdp` (FSDP2 fully_shard per block, then the root), `ddp`, `none`; `auto` is fsdp with
+    more than one rank and none with one."""
+    reshard_after_forward: bool = True
+    """FSDP: free each block's gathered parameters after its forward and gather again in backward
+    (less memory); false keeps them (one all-gather fewer per block)."""
+    replicate_degree: int = 1
+    """HSDP: replicate over this many groups (usually nodes) and shard within each; 1 = plain FSDP."""
+    timeout_s: float = 600.0
+    """A collective waiting longer than this (a dead or stuck rank) ends the job with an error."""
 
 
 @dataclass(frozen=True)
@@ -166,6 +229,9 @@ class CheckpointConfig:
     not exist is an error, never a silent fresh start."""
     save_final: bool = True
     """Also save a checkpoint at the last step."""
+    async_save: bool = False
+    """Under torchrun: write checkpoints with torch.distributed.checkpoint's async save, so the
+    next steps run while the files are written."""
 
 
 @dataclass(frozen=True)
@@ -204,12 +270,22 @@ class Config:
     lora: LoraConfig = field(default_factory=LoraConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    fast: FastConfig = field(default_factory=FastConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
 
 
 SECTIONS: dict[str, type] = typing.get_type_hints(Config)
+
+# Keys that moved: an old config gets told where they went, not just "unknown".
+RENAMED = {
+    "train.gradient_checkpointing": "train.activation_checkpointing (full = true, none = false)",
+    "train.objective": "fast.fused_loss (false = the reference objective)",
+}
+OPTIMIZERS = ("adamw", "adam", "adamw8bit_bnb", "adamw8bit", "adamw4bit", "adamw_fp8", "prodigy", "came")
+ATTENTION_BACKENDS = ("reference", "auto", "sdpa", "cudnn", "flash", "efficient", "math", "fa3", "flash_attn")
 
 
 def _closest(name: str, options: typing.Iterable[str]) -> str:
@@ -278,6 +354,8 @@ def _build_section(name: str, raw: Any) -> Any:
     valid = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in raw.items():
+        if f"{name}.{key}" in RENAMED:
+            raise ConfigError(f"config key '{name}.{key}' was renamed: use {RENAMED[f'{name}.{key}']}")
         if key not in hints:
             hint = _closest(str(key), valid) or f" (valid keys: {', '.join(valid)})"
             raise ConfigError(f"unknown config key '{name}.{key}'{hint}")
@@ -383,7 +461,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"lora.rank={lo.rank}: must be >= 1")
     if not lo.target_modules:
         raise ConfigError("lora.target_modules is empty: list the linear layers to adapt, e.g. [to_q, to_k]")
-    _choice(o.name, ("adamw", "adam"), "optim.name")
+    _choice(o.name, OPTIMIZERS, "optim.name")
+    if o.fused and o.name not in ("adamw", "adam"):
+        raise ConfigError(f"optim.fused=true applies to adamw / adam only, not optim.name={o.name!r}")
+    if o.fused and o.cpu_offload:
+        raise ConfigError("optim.fused and optim.cpu_offload exclude each other: choose one")
     _choice(o.lr_scheduler, LR_SCHEDULES, "optim.lr_scheduler")
     if o.lr_scheduler == "piecewise_constant" and not o.lr_step_rules:
         raise ConfigError("optim.lr_scheduler=piecewise_constant needs optim.lr_step_rules, e.g. '1:10,0.1'")
@@ -395,7 +477,29 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.train_steps={t.train_steps}: must be >= 1 or null (use train_epochs)")
     if t.train_epochs < 1:
         raise ConfigError(f"train.train_epochs={t.train_epochs}: must be >= 1")
-    _choice(t.objective, ("reference",), "train.objective")
+    _choice(t.activation_checkpointing, ("none", "full", "selective", "auto"), "train.activation_checkpointing")
+    f = cfg.fast
+    _choice(f.attention, ATTENTION_BACKENDS, "fast.attention")
+    _choice(f.fp8, ("none", "tensorwise", "rowwise"), "fast.fp8")
+    if f.fp8 != "none" and f.fp8_weight_storage:
+        raise ConfigError("fast.fp8 and fast.fp8_weight_storage exclude each other: FP8 matmuls already store "
+                          "the frozen weights in FP8; set one of them")
+    if (f.fp8 != "none" or f.fp8_weight_storage) and m.dtype == "fp32":
+        raise ConfigError("fast.fp8 / fast.fp8_weight_storage need model.dtype bf16 or fp16, not fp32")
+    if f.fp8_min_features < 16:
+        raise ConfigError(f"fast.fp8_min_features={f.fp8_min_features}: must be >= 16 (FP8 GEMMs need "
+                          "multiples of 16)")
+    if f.memory_margin_gb < 0:
+        raise ConfigError(f"fast.memory_margin_gb={f.memory_margin_gb}: must be >= 0")
+    if t.activation_checkpointing == "selective" and f.attention == "reference":
+        raise ConfigError("train.activation_checkpointing=selective keeps fastcog's attention outputs: set "
+                          "fast.attention (auto, sdpa, ...) or use full / none")
+    par = cfg.parallel
+    _choice(par.strategy, ("auto", "fsdp", "ddp", "none"), "parallel.strategy")
+    if par.replicate_degree < 1:
+        raise ConfigError(f"parallel.replicate_degree={par.replicate_degree}: must be >= 1")
+    if par.timeout_s <= 0:
+        raise ConfigError(f"parallel.timeout_s={par.timeout_s}: must be > 0")
     if c.every_steps < 0 or (c.limit is not None and c.limit < 1):
         raise ConfigError("checkpoint.every_steps must be >= 0 and checkpoint.limit >= 1 (or null)")
     _choice(cfg.log.report_to, ("tensorboard", "wandb", "none"), "log.report_to")

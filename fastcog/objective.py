@@ -151,6 +151,15 @@ class ReferenceObjective:
         return velocity_loss_from_scheduler(self.scheduler, v_hat, noisy, latents, timesteps)
 
 
+def make_objective(cfg: Any, variant: VariantSpec, scheduler: Any, vae: Any = None) -> ReferenceObjective:
+    """The configured objective: fused kernels when cfg.fast.fused_loss, else the reference."""
+    if cfg.fast.fused_loss:
+        from fastcog.fast.objective import FusedObjective
+
+        return FusedObjective(variant, scheduler, vae, cfg.model.i2v_image_scale)
+    return ReferenceObjective(variant, scheduler, vae, cfg.model.i2v_image_scale)
+
+
 def velocity_loss_from_scheduler(
     scheduler: Any, v_hat: torch.Tensor, noisy: torch.Tensor, latents: torch.Tensor, timesteps: torch.Tensor
 ) -> torch.Tensor:

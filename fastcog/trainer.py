@@ -37,7 +37,8 @@ from fastcog.metrics import (
     transformer_flops_per_sample,
 )
 from fastcog.models import TORCH_DTYPES, load_components, read_variant
-from fastcog.objective import ReferenceObjective
+from fastcog.objective import ReferenceObjective, make_objective
+from fastcog.optim import build_optimizer
 from fastcog.parallel import SINGLE_PROCESS, World
 from fastcog.variants import VariantSpec
 
@@ -181,8 +182,16 @@ def micro_batches(dataset: CachedDataset, cfg: Config, state: TrainState, device
 # --------------------------------------------------------------------------------------------
 
 
-def build_transformer(cfg: Config, device: torch.device) -> tuple[torch.nn.Module, list[torch.nn.Parameter]]:
-    """Frozen weights in the compute dtype (SFT: fp32 master weights), adapters in fp32."""
+def build_transformer(cfg: Config, device: torch.device, tokens_per_sample: int,
+                      ) -> tuple[torch.nn.Module, list[torch.nn.Parameter]]:
+    """Frozen weights in the compute dtype (SFT: fp32 master weights), adapters in fp32, then
+    the fast path (kernels, attention, FP8, activation checkpointing, compile) as configured.
+
+    tokens_per_sample: the largest video token count of any bucket (sizes the checkpointing
+    policy for `auto`).
+    """
+    from fastcog.fast import apply_fast_path
+
     sft = cfg.model.training_type == "sft"
     comps = load_components(cfg.model.path, "fp32" if sft else cfg.model.dtype, parts=("transformer",))
     transformer = comps.transformer
@@ -191,23 +200,9 @@ def build_transformer(cfg: Config, device: torch.device) -> tuple[torch.nn.Modul
         params = list(transformer.parameters())
     else:
         params = inject_lora(transformer, cfg.lora)
-    if cfg.train.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
     transformer.to(device).train()
+    apply_fast_path(transformer, cfg, device, tokens_per_sample=tokens_per_sample)
     return transformer, params
-
-
-def build_optimizer(cfg: Config, params: list[torch.nn.Parameter], total_steps: int) -> tuple[Any, Any]:
-    from diffusers.optimization import get_scheduler
-
-    o = cfg.optim
-    cls = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}[o.name]
-    optimizer = cls(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
-    lr_scheduler = get_scheduler(
-        o.lr_scheduler, optimizer, step_rules=o.lr_step_rules, num_warmup_steps=o.lr_warmup_steps,
-        num_training_steps=total_steps, num_cycles=o.lr_num_cycles, power=o.lr_power,
-    )
-    return optimizer, lr_scheduler
 
 
 def make_encoder_factory(cfg: Config, device: torch.device, variant: VariantSpec) -> Callable[[], Encoder]:
@@ -324,9 +319,10 @@ def train(cfg: Config) -> RunSummary:
     if comps.vae is not None:
         comps.vae.to(device)
 
-    transformer, params = build_transformer(cfg, device)
-    objective = ReferenceObjective(variant, comps.scheduler, comps.vae, cfg.model.i2v_image_scale)
     bucket_of = [it.bucket for it in dataset.items]
+    max_tokens = max_video_tokens(dataset, variant)
+    transformer, params = build_transformer(cfg, device, max_tokens)
+    objective = make_objective(cfg, variant, comps.scheduler, comps.vae)
     steps = total_steps(cfg, len(BucketBatchSampler(bucket_of, cfg.train.batch_size, cfg.train.seed)))
     optimizer, lr_scheduler = build_optimizer(cfg, params, steps)
     grad_scaler = torch.amp.GradScaler(device.type) if cfg.model.dtype == "fp16" else None
@@ -398,6 +394,14 @@ def train(cfg: Config) -> RunSummary:
         export_path=export_path, losses=losses, resumed_from=resume_path,
     )
     return summary
+
+
+def max_video_tokens(dataset: CachedDataset, variant: VariantSpec) -> int:
+    """The largest per-sample video token count over the dataset's buckets (one item read each)."""
+    first_of_bucket: dict[int, int] = {}
+    for i, item in enumerate(dataset.items):
+        first_of_bucket.setdefault(item.bucket, i)
+    return max(video_tokens(dataset[i]["latents"].shape, variant) for i in first_of_bucket.values())
 
 
 def video_tokens(latent_shape: torch.Size, variant: VariantSpec) -> int:

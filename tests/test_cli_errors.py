@@ -29,7 +29,7 @@ def base_config() -> dict:
         "model": {"path": "tiny-5b", "create_tiny": "cogvideox-5b", "dtype": "fp32"},
         "data": {"data_root": "clips", "synthetic_clips": 2, "num_frames": 9, "height": 64, "width": 96},
         "lora": {"rank": 4, "alpha": 4},
-        "train": {"output_dir": "out", "train_steps": 3, "gradient_checkpointing": False},
+        "train": {"output_dir": "out", "train_steps": 3, "activation_checkpointing": "none"},
         "checkpoint": {"every_steps": 1, "limit": 10},
         "log": {"report_to": "none", "progress_bar": False},
     }

@@ -82,7 +82,7 @@ def test_defaults_are_the_reference_defaults(tmp_path: Path) -> None:
     assert cfg.checkpoint.every_steps == 200
     assert cfg.checkpoint.limit == 10
     assert cfg.checkpoint.resume_from is None  # never resumes unless asked
-    assert cfg.train.gradient_checkpointing is True
+    assert cfg.train.activation_checkpointing == "full"
     assert cfg.validation.every_steps == 0
     assert cfg.validation.num_inference_steps == 50 and cfg.validation.guidance_scale == 6.0
     # Nothing but the two paths differs from the dataclass defaults.

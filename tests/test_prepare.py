@@ -43,7 +43,7 @@ def raw_config(model: Path, data_root: Path, out: Path, **sections) -> dict:
         "data": {"data_root": str(data_root), "num_frames": 9, "height": 64, "width": 96,
                  "max_failed_fraction": 0.2, "prepare_workers": 0},
         "lora": {"rank": 4, "alpha": 4},
-        "train": {"output_dir": str(out), "batch_size": 1, "train_steps": 3, "gradient_checkpointing": False},
+        "train": {"output_dir": str(out), "batch_size": 1, "train_steps": 3, "activation_checkpointing": "none"},
         "checkpoint": {"every_steps": 0},
         "log": {"report_to": "none", "progress_bar": False},
     }

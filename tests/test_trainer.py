@@ -32,7 +32,7 @@ def make_cfg(model_path: Path, data_root: Path, out: Path, **sections):
         "lora": {"rank": 4, "alpha": 8},
         "optim": {"lr": 1e-3, "lr_warmup_steps": 2},
         "train": {"output_dir": str(out), "seed": 1, "batch_size": 2, "train_steps": 4,
-                  "gradient_checkpointing": False},
+                  "activation_checkpointing": "none"},
         "checkpoint": {"every_steps": 2, "limit": 10},
         "log": {"report_to": "none", "progress_bar": False},
     }
@@ -106,7 +106,7 @@ def test_export_loads_into_diffusers_with_alpha(tiny_checkpoint, clips, tmp_path
     model = tiny_checkpoint("cogvideox-5b")
     cfg = make_cfg(model, clips, tmp_path / "run", lora={"rank": 4, "alpha": 2}, optim={"lr": 5e-3})
     train(cfg)
-    trained, _ = build_transformer(cfg, torch.device("cpu"))
+    trained, _ = build_transformer(cfg, torch.device("cpu"), tokens_per_sample=1)
     load_trainable_state_dict(trained, load_file(str(tmp_path / "run" / "checkpoint-4" / "trainable.safetensors")))
     pipe = CogVideoXPipeline.from_pretrained(model)
     pipe.load_lora_weights(tmp_path / "run" / "lora")
@@ -149,7 +149,7 @@ def test_refuses_to_overwrite_an_earlier_run(tiny_checkpoint, clips, tmp_path):
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 def test_low_precision_runs(tiny_checkpoint, clips, tmp_path, dtype):
     cfg = make_cfg(tiny_checkpoint("cogvideox-5b"), clips, tmp_path / dtype, model={"dtype": dtype},
-                   train={"train_steps": 2, "gradient_checkpointing": True})
+                   train={"train_steps": 2, "activation_checkpointing": "full"})
     summary = train(cfg)
     assert len(summary.losses) == 2 and all(0 < loss < 100 for loss in summary.losses)
 
