@@ -23,6 +23,13 @@ setup(
         "pyyaml",
         "tqdm",
         "tensorboard",
+        # Low-bit and alternative optimizers (optim.name), FP8 helpers; all install on CPU too.
+        "torchao>=0.10",
+        "bitsandbytes>=0.45",
+        "prodigyopt>=1.1",
+        "came-pytorch>=0.1.3",
+        # bench/throughput.py's loss-curve / step-time plot.
+        "matplotlib",
     ],
     extras_require={
         "test": ["pytest>=8", "ruff"],

@@ -92,6 +92,50 @@ class ReferenceObjective:
         self.i2v_image_scale = i2v_image_scale
         self.num_train_timesteps = int(scheduler.config.num_train_timesteps)
         self.rotary = RotaryCache(variant) if variant.use_rope else None
+        self.rank, self.world_size = 0, 1
+
+    def set_shard(self, rank: int, world_size: int) -> None:
+        """Under torchrun: this rank's micro-batch is slice `rank` of a global batch.
+
+        Every rank then draws the timesteps and noise of the *whole* global batch (all ranks
+        hold the same RNG state) and keeps its own slice, so N ranks x batch b draw exactly what
+        one process with batch N*b draws: the same losses whatever the number of ranks.
+        """
+        self.rank, self.world_size = rank, world_size
+
+    def _mine(self, global_draw: torch.Tensor, local_batch: int) -> torch.Tensor:
+        return global_draw[self.rank * local_batch:(self.rank + 1) * local_batch]
+
+    def randn_like(self, x: torch.Tensor, contiguous_perm: tuple[int, ...] | None = None) -> torch.Tensor:
+        """torch.randn_like(x), drawn for the global batch when sharded.
+
+        randn_like fills memory in storage order, so for a permuted view the global template
+        must have the same layout: `contiguous_perm` is the permutation that made x from a
+        contiguous tensor (None: x is contiguous).
+        """
+        if self.world_size == 1:
+            return torch.randn_like(x)
+        b = x.shape[0]
+        if contiguous_perm is None:
+            template = x.new_empty((b * self.world_size, *x.shape[1:]))
+        else:
+            inverse = [contiguous_perm.index(d) for d in range(x.ndim)]
+            base_shape = [x.shape[inverse[d]] for d in range(x.ndim)]
+            base_shape[0] = b * self.world_size
+            template = x.new_empty(base_shape).permute(*contiguous_perm)
+        return self._mine(torch.randn_like(template), b)
+
+    def randint_timesteps(self, batch_size: int, device: torch.device) -> torch.Tensor:
+        t = torch.randint(0, self.num_train_timesteps, (batch_size * self.world_size,), device=device).long()
+        return self._mine(t, batch_size)
+
+    def vae_sample(self, dist: Any) -> torch.Tensor:
+        """latent_dist.sample(), drawn for the global batch when sharded (same formula as diffusers)."""
+        if self.world_size == 1:
+            return dist.sample()
+        mean = dist.mean
+        noise = torch.randn((mean.shape[0] * self.world_size, *mean.shape[1:]), dtype=mean.dtype, device=mean.device)
+        return mean + dist.std * self._mine(noise, mean.shape[0])
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] in [-1, 1] -> noisy-image latents [B, 1, C, h, w] (the I2V condition).
@@ -104,8 +148,8 @@ class ReferenceObjective:
         vae = self.vae
         images = images.unsqueeze(2)  # [B, 3, 1, H, W]
         sigma = torch.exp(torch.normal(mean=-3.0, std=0.5, size=(1,), device=images.device)).to(images.dtype)
-        noisy = images + torch.randn_like(images) * sigma[:, None, None, None, None]
-        sample = vae.encode(noisy.to(vae.dtype)).latent_dist.sample()
+        noisy = images + self.randn_like(images) * sigma[:, None, None, None, None]
+        sample = self.vae_sample(vae.encode(noisy.to(vae.dtype)).latent_dist)
         scale = vae.config.scaling_factor
         if getattr(vae.config, "invert_scale_latents", False) and self.i2v_image_scale == "pipeline":
             latents = sample / scale
@@ -130,8 +174,8 @@ class ReferenceObjective:
         prompt_embeds = batch["prompt_embeds"].to(latents.dtype)
         latents = latents.permute(0, 2, 1, 3, 4)  # [B, F, C, H, W]
 
-        timesteps = torch.randint(0, self.num_train_timesteps, (batch_size,), device=latents.device).long()
-        noise = torch.randn_like(latents)
+        timesteps = self.randint_timesteps(batch_size, latents.device)
+        noise = self.randn_like(latents, contiguous_perm=(0, 2, 1, 3, 4))
         noisy = self.scheduler.add_noise(latents, noise, timesteps)
 
         model_input = noisy
