@@ -1,10 +1,24 @@
-"""Checkpoints: atomic save, retention, `latest`, exact resume.
+"""Checkpoints: torch.distributed.checkpoint (DCP), atomic, retention, `latest`, exact resume.
 
-A checkpoint is `checkpoint-<step>/` holding the trainable weights, optimizer, LR schedule,
-GradScaler, RNG states and the data position. It is written into a hidden temporary folder
-and renamed into place only after every file (and the `COMPLETE` marker) is on disk, so a
-folder named `checkpoint-<step>` with a marker is always whole; a run killed mid-save leaves
-only a temporary folder that is never taken as valid (and is removed by the next save).
+A checkpoint is a folder `checkpoint-<step>/`:
+
+  .metadata, __<rank>_0.distcp   DCP: the trainable weights and the optimizer state, keyed by
+                                 parameter name, each rank writing its own shards
+  training_state.pt              LR schedule, GradScaler, RNG states (rank 0's: every rank
+                                 holds the same RNG state by construction)
+  trainer_state.json             TrainState: step and data position
+  COMPLETE                       written last
+
+DCP stores each tensor with its global shape, so a checkpoint written by N ranks (FSDP
+shards, DDP or one process) loads into any other number of ranks: `load_checkpoint` reads
+exactly the pieces each rank's shards need.
+
+It is written into a hidden temporary folder and renamed into place by rank 0 only after every
+rank's files (and the `COMPLETE` marker) are on disk, so a folder named `checkpoint-<step>`
+with a marker is always whole; a run killed mid-save leaves only a temporary folder that is
+never taken as valid (and is removed by the next save). With checkpoint.async_save the files
+are written in a background thread while training goes on; the marker and the rename wait for
+that write to finish.
 """
 
 from __future__ import annotations
@@ -14,18 +28,23 @@ import os
 import random
 import re
 import shutil
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+import torch.distributed as dist
 
 from fastcog.errors import FastcogError
+from fastcog.parallel import World, barrier
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 MARKER = "COMPLETE"
+DCP_METADATA = ".metadata"
+TRAINING_STATE = "training_state.pt"
+TRAINER_STATE = "trainer_state.json"
 
 
 @dataclass
@@ -37,7 +56,8 @@ class TrainState:
     epoch: int = 0
     """Current epoch (0-based)."""
     batches_in_epoch: int = 0
-    """Micro-batches of `epoch` already consumed (the sampler skips these on resume)."""
+    """Global batches of `epoch` already consumed (the sampler skips these on resume; the same
+    count whatever the number of ranks)."""
     samples_seen: int = 0
 
 
@@ -48,7 +68,9 @@ def rng_state() -> dict[str, Any]:
         "numpy": np.random.get_state(),
     }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        # This rank's device only: every rank draws the same numbers on its own GPU, and touching
+        # the other GPUs would create a context on each of them.
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -57,7 +79,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
@@ -88,55 +110,186 @@ def resolve_resume(resume_from: str | None, output_dir: Path) -> Path | None:
     return path
 
 
-def save_checkpoint(
-    output_dir: Path,
-    state: TrainState,
-    trainable: dict[str, torch.Tensor],
-    optimizer: torch.optim.Optimizer,
-    lr_scheduler: Any,
-    grad_scaler: Any = None,
-    limit: int | None = None,
-) -> Path:
-    """Write checkpoint-<step> atomically, then apply the retention limit."""
-    final = output_dir / f"checkpoint-{state.step}"
-    tmp = output_dir / f".tmp-checkpoint-{state.step}"
-    for stale in output_dir.glob(".tmp-checkpoint-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
+# --------------------------------------------------------------------------------------------
+# State dicts: by parameter name, trainable tensors only
+# --------------------------------------------------------------------------------------------
+
+
+def _options(**kwargs: Any) -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # Frozen base weights come from model.path, never from a checkpoint. strict=False on load
+    # because the model state holds only the trainable tensors (their names are checked here).
+    return StateDictOptions(ignore_frozen_params=True, strict=False, **kwargs)
+
+
+def _model_and_optim(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """{"model": trainable tensors, "optim": optimizer state}, keyed by parameter name.
+
+    Under FSDP the values are DTensor shards; names, not parameter ids, make them loadable
+    with another number of ranks. An optimizer that has not stepped yet gets its state
+    created here (a step with zero gradients and lr 0, by torch) so that loading has targets.
+    """
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_options())
+    return {"model": model_sd, "optim": optim_sd}
+
+
+# --------------------------------------------------------------------------------------------
+# Save
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Pending:
+    """A checkpoint whose DCP files are still being written (async save)."""
+
+    tmp: Path
+    final: Path
+    future: Future
+
+
+class Checkpointer:
+    """Writes checkpoint-<step>/ folders for every rank of the run; rank 0 owns the folder names.
+
+    Every rank must call save() at the same steps and wait() at the end (both are collective).
+    """
+
+    def __init__(self, output_dir: Path, world: World, limit: int | None = None, async_save: bool = False) -> None:
+        self.output_dir, self.world, self.limit, self.async_save = output_dir, world, limit, async_save
+        self._pending: _Pending | None = None
+        self._group = None
+        if async_save and world.distributed:
+            # The background writer's collectives get their own (CPU) group, so they never
+            # interleave with the training collectives on the default group.
+            self._group = dist.new_group(backend="gloo")
+
+    def save(self, state: TrainState, model: torch.nn.Module, optimizer: torch.optim.Optimizer, lr_scheduler: Any,
+             grad_scaler: Any = None) -> Path:
+        """Checkpoint the current state (sync: on disk when this returns; async: staged in memory)."""
+        import torch.distributed.checkpoint as dcp
+
+        self.wait()
+        final = self.output_dir / f"checkpoint-{state.step}"
+        tmp = self.output_dir / f".tmp-checkpoint-{state.step}"
+        if self.world.is_main:
+            for stale in self.output_dir.glob(".tmp-checkpoint-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        barrier()  # the folder exists (and no stale one will be removed) before any rank writes
+        tensors = _model_and_optim(model, optimizer)
+        if self.world.is_main:
+            _write_training_state(tmp, state, lr_scheduler, grad_scaler)
+        if self.async_save:
+            result = dcp.async_save(tensors, checkpoint_id=str(tmp), process_group=self._group)
+            # torch >= 2.9 may answer with (staging, upload) futures; the upload is what matters.
+            future = getattr(result, "upload_completion", result)
+            self._pending = _Pending(tmp, final, future)
+        else:
+            dcp.save(tensors, checkpoint_id=str(tmp))
+            self._finalize(tmp, final)
+        return final
+
+    def poll(self) -> None:
+        """Finish an async save whose files are written (call once per step; cheap)."""
+        if self._pending is not None and self._pending.future.done():
+            self.wait()
+
+    def wait(self) -> None:
+        """Block until a pending async save is written, then mark it complete."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.future.result()  # raises if the write failed
+            self._finalize(pending.tmp, pending.final)
+
+    def _finalize(self, tmp: Path, final: Path) -> None:
+        """Rank 0: marker, rename into place, retention. DCP's save finishes on rank 0 (it writes
+        .metadata) only after every rank reported its files written, so no barrier is needed."""
+        if not self.world.is_main:
+            return
+        with open(tmp / MARKER, "w") as f:
+            f.write("ok\n")
+            f.flush()
+            os.fsync(f.fileno())
+        if final.exists():  # a re-run of the same step: replace it only now that the new one is whole
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        if self.limit is not None:
+            for _, old in list_checkpoints(self.output_dir)[:-self.limit]:
+                shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_training_state(folder: Path, state: TrainState, lr_scheduler: Any, grad_scaler: Any) -> None:
     torch.save(
         {
-            "optimizer": optimizer.state_dict(),
             "lr_scheduler": lr_scheduler.state_dict(),
             "grad_scaler": None if grad_scaler is None else grad_scaler.state_dict(),
             "rng": rng_state(),
         },
-        tmp / "training_state.pt",
+        folder / TRAINING_STATE,
     )
-    (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=1))
-    with open(tmp / MARKER, "w") as f:
-        f.write("ok\n")
-        f.flush()
-        os.fsync(f.fileno())
-    if final.exists():  # a re-run of the same step: replace it only now that the new one is whole
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    if limit is not None:
-        for _, old in list_checkpoints(output_dir)[:-limit]:
-            shutil.rmtree(old, ignore_errors=True)
-    return final
+    (folder / TRAINER_STATE).write_text(json.dumps(asdict(state), indent=1))
 
 
-def load_checkpoint(
-    path: Path, optimizer: torch.optim.Optimizer, lr_scheduler: Any, grad_scaler: Any = None
-) -> tuple[TrainState, dict[str, torch.Tensor]]:
-    """Restore optimizer, schedule, scaler and RNG in place; return the state and weights."""
-    trainable = load_file(str(path / "trainable.safetensors"))
-    blob = torch.load(path / "training_state.pt", weights_only=False)
-    optimizer.load_state_dict(blob["optimizer"])
+# --------------------------------------------------------------------------------------------
+# Load
+# --------------------------------------------------------------------------------------------
+
+
+def _checkpoint_keys(path: Path, prefix: str) -> set[str]:
+    """Names stored under `prefix` ("model." ...) in a DCP checkpoint."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    if not (path / DCP_METADATA).is_file():
+        raise FastcogError(
+            f"{path} has no {DCP_METADATA}: it is not a torch.distributed.checkpoint folder (checkpoints of "
+            "fastcog before distributed training stored trainable.safetensors; retrain, or resume with that version)"
+        )
+    meta = FileSystemReader(str(path)).read_metadata()
+    return {k[len(prefix):] for k in meta.state_dict_metadata if k.startswith(prefix)}
+
+
+def _check_names(path: Path, wanted: set[str]) -> None:
+    stored = _checkpoint_keys(path, "model.")
+    missing, unexpected = wanted - stored, stored - wanted
+    if missing or unexpected:
+        raise FastcogError(
+            f"{path} does not match the model: {len(missing)} missing (e.g. {sorted(missing)[:2]}), "
+            f"{len(unexpected)} unexpected (e.g. {sorted(unexpected)[:2]}); was it saved with another "
+            "lora.rank / lora.target_modules / model.training_type?"
+        )
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, lr_scheduler: Any,
+                    grad_scaler: Any = None) -> TrainState:
+    """Restore trainable weights, optimizer, schedule, scaler and RNG in place (every rank)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    tensors = _model_and_optim(model, optimizer)
+    _check_names(path, set(tensors["model"]))
+    dcp.load(tensors, checkpoint_id=str(path))
+    set_state_dict(model, optimizer, model_state_dict=tensors["model"], optim_state_dict=tensors["optim"],
+                   options=_options())
+    blob = torch.load(path / TRAINING_STATE, weights_only=False)
     lr_scheduler.load_state_dict(blob["lr_scheduler"])
     if grad_scaler is not None and blob["grad_scaler"] is not None:
         grad_scaler.load_state_dict(blob["grad_scaler"])
     set_rng_state(blob["rng"])
-    state = TrainState(**json.loads((path / "trainer_state.json").read_text()))
-    return state, trainable
+    return TrainState(**json.loads((path / TRAINER_STATE).read_text()))
+
+
+def read_trainable(path: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's trainable weights as whole CPU tensors by parameter name, in this process alone
+    (whatever number of ranks wrote it): for inspection and tests."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    _checkpoint_keys(path, "model.")  # the format check
+    meta = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    weights = {k[len("model."):]: torch.empty(m.size, dtype=m.properties.dtype)
+               for k, m in meta.items() if k.startswith("model.") and isinstance(m, TensorStorageMetadata)}
+    dcp.load({"model": weights}, checkpoint_id=str(path), no_dist=True)
+    return weights

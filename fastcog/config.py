@@ -125,8 +125,12 @@ class OptimConfig:
     """prodigy only: leave the LR warm-up out of the D estimate (recommended with warm-up)."""
     came_betas3: float = 0.9999
     """came only: the third beta (the instability-confidence average); betas gives the first two."""
+    came_eps1: float = 1e-30
+    """came only: the first epsilon, added to the squared gradient (CAME's default). Not optim.eps (Adam's 1e-8):
+    clipped to norm 1 over 5B LoRA r128's 132M values, a gradient value is ~8.7e-5 (RMS), its square ~7.6e-9,
+    which an eps of 1e-8 would outweigh."""
     came_eps2: float = 1e-16
-    """came only: the second epsilon (eps is the first)."""
+    """came only: the second epsilon, added to the squared instability (CAME's default)."""
     lr: float = 2e-5
     """Peak learning rate."""
     betas: tuple[float, float] = (0.9, 0.95)
@@ -466,6 +470,16 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"optim.fused=true applies to adamw / adam only, not optim.name={o.name!r}")
     if o.fused and o.cpu_offload:
         raise ConfigError("optim.fused and optim.cpu_offload exclude each other: choose one")
+    if o.cpu_offload and o.name == "prodigy":
+        raise ConfigError("optim.cpu_offload runs one optimizer per tensor, which would give Prodigy a separate "
+                          "step-size estimate per tensor: set optim.cpu_offload: false or choose another optim.name")
+    if o.cpu_offload and m.dtype == "fp16":
+        raise ConfigError("optim.cpu_offload with model.dtype=fp16: the gradient scaler cannot unscale the "
+                          "offloaded gradients; use model.dtype: bf16")
+    if not all(0.0 <= b < 1.0 for b in (*o.betas, o.came_betas3)):
+        raise ConfigError(f"optim.betas={list(o.betas)} / optim.came_betas3={o.came_betas3}: each must be in [0, 1)")
+    if min(o.eps, o.came_eps1, o.came_eps2) < 0 or o.prodigy_d_coef <= 0:
+        raise ConfigError("optim.eps, optim.came_eps1 and optim.came_eps2 must be >= 0 and optim.prodigy_d_coef > 0")
     _choice(o.lr_scheduler, LR_SCHEDULES, "optim.lr_scheduler")
     if o.lr_scheduler == "piecewise_constant" and not o.lr_step_rules:
         raise ConfigError("optim.lr_scheduler=piecewise_constant needs optim.lr_step_rules, e.g. '1:10,0.1'")

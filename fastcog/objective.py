@@ -176,7 +176,7 @@ class ReferenceObjective:
 
         timesteps = self.randint_timesteps(batch_size, latents.device)
         noise = self.randn_like(latents, contiguous_perm=(0, 2, 1, 3, 4))
-        noisy = self.scheduler.add_noise(latents, noise, timesteps)
+        noisy = self.add_noise(latents, noise, timesteps)
 
         model_input = noisy
         if image_latents is not None:
@@ -192,6 +192,13 @@ class ReferenceObjective:
             image_rotary_emb=self.rotary_emb(latents),
             return_dict=False,
         )[0]
+        return self.loss(v_hat, noisy, latents, timesteps)
+
+    def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        return self.scheduler.add_noise(latents, noise, timesteps)
+
+    def loss(self, v_hat: torch.Tensor, noisy: torch.Tensor, latents: torch.Tensor,
+             timesteps: torch.Tensor) -> torch.Tensor:
         return velocity_loss_from_scheduler(self.scheduler, v_hat, noisy, latents, timesteps)
 
 
