@@ -3,24 +3,31 @@
 `build_optimizer(cfg, params, total_steps)` returns (optimizer, lr_scheduler); the schedule is
 always diffusers' `get_scheduler`, as in the reference.
 
-optim.name          class                                   state per trained fp32 value (bench/results)
-adamw, adam         torch.optim.AdamW / Adam                8 B
-adamw8bit_bnb       bitsandbytes.optim.AdamW8bit            ~2 B (tensors >= 4096 values; smaller: 8 B)
-adamw8bit           torchao.optim.AdamW8bit                 ~2 B (tensors >= 4096 values and a multiple of 256)
-adamw4bit           torchao.optim.AdamW4bit                 ~1 B (tensors >= 4096 values and a multiple of 128)
-adamw_fp8           torchao.optim.AdamWFp8                  ~2 B (tensors >= 4096 values and a multiple of 256)
-prodigy             prodigyopt.Prodigy (decouple=True)      16 B (keeps a copy of the initial weights; 12 B for
-                                                            tensors that start at zero, like LoRA B)
-came                came_pytorch.CAME                       ~4 B for matrices (factored second moments)
+optim.name      class                                 state bytes per trained value (measured, LoRA-sized
+                                                      tensors; bench/results/optimizer_state_cpu_2026-11-24.md)
+adamw, adam     torch.optim.AdamW / Adam              8
+adamw8bit_bnb   bitsandbytes.optim.AdamW8bit          2.03 for tensors of >= 4096 values (min_8bit_size), else 8
+adamw8bit       torchao.optim.AdamW8bit               2.03 for tensors of >= 4096 values and a multiple of 256, else 8
+adamw4bit       torchao.optim.AdamW4bit               1.06 for tensors of >= 4096 values and a multiple of 128, else 8
+adamw_fp8       torchao.optim.AdamWFp8                2.03 for tensors of >= 4096 values and a multiple of 256, else 8
+prodigy         prodigyopt.Prodigy (decouple=True)    16: it keeps a copy of the initial weights (12 for a tensor
+                                                      that starts at zero, like LoRA B)
+came            came_pytorch.CAME                     4.0 for matrices (factored second moments), 8 for vectors
 
-The low-bit optimizers keep every tensor below their size threshold in full precision (the
-thresholds above), so a model of only small tensors (the tiny test model at LoRA rank < 128)
-gets no saving at all. The optional packages are imported only when chosen; a missing one is a
-ConfigError naming the pip package.
+Because of those thresholds the tiny demo model at LoRA rank 16 (every tensor < 4096 values) gets
+no saving from a low-bit optimizer; at rank 128 it does. The optional packages are imported only
+when chosen; a missing one is a ConfigError naming the pip package.
 
 optim.cpu_offload wraps the chosen class in torchao's CPUOffloadOptimizer: one optimizer per
 tensor of >= 4096 values, its state and step on the CPU; smaller tensors keep a device-side
 optimizer. It needs a CUDA device (torchao uses CUDA streams and pinned memory).
+
+torchao's low-bit optimizers keep each group's lr as a 0-dim tensor (a float would be baked into
+their compiled step and recompile it at every LR change); the schedule fills it in place, and
+`get_last_lr()` returns tensors for them: callers take float().
+
+Checkpoints: every optimizer's state_dict() survives torch.save / torch.load(weights_only=False) and
+continues bit-identically, torchao's tensor-subclass states included (tests/test_optim.py).
 """
 
 from __future__ import annotations
@@ -93,14 +100,17 @@ def warn_prodigy_lr(o: OptimConfig) -> None:
         )
 
 
-def check_cpu_offload(o: OptimConfig, params: list[torch.nn.Parameter]) -> None:
-    """optim.cpu_offload needs CUDA: torchao's CPUOffloadOptimizer copies over CUDA streams into pinned
-    memory and asserts a CUDA/XPU device (torchao 0.18), so refuse early with a message instead."""
-    if not o.cpu_offload:
-        return
-    if not torch.cuda.is_available():
+def check_optimizer_available(cfg: Config) -> None:
+    """What build_optimizer would refuse, without parameters, so a run can fail before it writes anything:
+    the chosen package imports, and optim.cpu_offload has CUDA (torchao's CPUOffloadOptimizer copies over
+    CUDA streams into pinned memory and asserts a CUDA/XPU device)."""
+    optimizer_class(cfg.optim)
+    if cfg.optim.cpu_offload and not torch.cuda.is_available():
         raise ConfigError("optim.cpu_offload needs a CUDA device (it moves the optimizer state from the GPU to "
                           "the CPU); this machine has none: set optim.cpu_offload: false")
+
+
+def _check_offload_params(params: list[torch.nn.Parameter]) -> None:
     on_cpu = [p for p in params if p.device.type != "cuda"]
     if on_cpu:
         raise ConfigError(f"optim.cpu_offload: {len(on_cpu)} trainable tensors are not on the GPU; the offload "
@@ -112,7 +122,9 @@ def build_optimizer(cfg: Config, params: list[torch.nn.Parameter], total_steps: 
     from diffusers.optimization import get_scheduler
 
     o = cfg.optim
-    check_cpu_offload(o, params)
+    check_optimizer_available(cfg)
+    if o.cpu_offload:
+        _check_offload_params(params)
     cls = optimizer_class(o)
     warn_prodigy_lr(o)
     if o.cpu_offload:
@@ -136,9 +148,13 @@ def _offloaded(cls: type[torch.optim.Optimizer], params: list[torch.nn.Parameter
     torchao copies each gradient to the host inside backward (a post-accumulate hook), i.e. before the
     trainer clips the gradients in place; the host step would then use the unclipped values. The
     subclass copies the (clipped) device gradients again right before the host steps: one extra
-    device-to-host copy of the gradients per step (5B LoRA r128: 0.53 GB, ~20 ms at 25 GB/s), small
-    next to the CPU step itself. Device gradients are kept (offload_gradients=False) because the trainer
-    clips and logs their norm, and gradient accumulation needs them.
+    device-to-host copy of the gradients per step (5B LoRA r128: 0.53 GB, an estimated ~20 ms at
+    25 GB/s; not measured, no GPU here). Device gradients are kept (offload_gradients=False) because the
+    trainer clips and logs their norm, and gradient accumulation needs them.
+
+    Checkpointing: its state_dict() is {"offloaded": [one state dict per offloaded tensor], "on-device":
+    ...}. It never calls Optimizer.__init__ (torchao 0.18 source), so it has no `.state`, and
+    torch.distributed.checkpoint.state_dict.get_optimizer_state_dict cannot read it: save state_dict().
     """
     offload = _import("torchao.optim", "torchao", "optim.cpu_offload")
 
@@ -155,3 +171,43 @@ def _offloaded(cls: type[torch.optim.Optimizer], params: list[torch.nn.Parameter
             return super().step(closure)
 
     return ClippedCPUOffloadOptimizer(params, cls, offload_gradients=False, **kwargs)
+
+
+def _leaf_tensors(t: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors holding `t`'s data: a traceable tensor subclass (torchao's quantised optimizer
+    states: codes, scales, quantisation map) reports its inner tensors; its own nbytes is the fp32 size."""
+    if type(t) is torch.Tensor or not hasattr(t, "__tensor_flatten__"):
+        return [t]
+    names, _ = t.__tensor_flatten__()
+    return [leaf for name in names for leaf in _leaf_tensors(getattr(t, name))]
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of memory held by the optimizer's per-parameter state (not the parameters or gradients).
+
+    Walks state_dict() (which references the live state tensors), skipping param_groups; a tensor
+    shared between parameters (bitsandbytes' quantisation maps) is counted once. Under FSDP2 the state
+    tensors are DTensors, whose inner tensor is this rank's shard: the result is per rank.
+    """
+    seen: set[tuple[str, int]] = set()
+    total = 0
+
+    def walk(value: Any) -> None:
+        nonlocal total
+        if isinstance(value, torch.Tensor):
+            for leaf in _leaf_tensors(value):
+                storage = leaf.untyped_storage()
+                key = (str(leaf.device), storage.data_ptr())
+                if key not in seen:
+                    seen.add(key)
+                    total += storage.nbytes()
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                if k != "param_groups":
+                    walk(v)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                walk(v)
+
+    walk(optimizer.state_dict())
+    return total
