@@ -57,12 +57,23 @@ def check_kernels_can_run(device: torch.device, what: str) -> None:
         )
 
 
+def check_fast_path(cfg: Config, device: torch.device) -> None:
+    """Fail before anything is written when a switch cannot run on this device."""
+    if cfg.fast.lora_kernel:
+        check_kernels_can_run(device, "fast.lora_kernel")
+    if cfg.fast.fused_loss:
+        check_kernels_can_run(device, "fast.fused_loss")
+    if cfg.fast.attention != "reference":
+        from fastcog.fast.attention import choose_backend
+
+        choose_backend(cfg.fast.attention, device)
+
+
 def apply_fast_path(transformer: torch.nn.Module, cfg: Config, device: torch.device, *, tokens_per_sample: int,
                     verbose: bool = True) -> FastReport:
     """Patch `transformer` (LoRA already injected, already on `device`) as cfg says."""
     f, report = cfg.fast, FastReport()
-    if f.fused_loss:
-        check_kernels_can_run(device, "fast.fused_loss")
+    check_fast_path(cfg, device)
 
     if f.fp8 != "none" or f.fp8_weight_storage:
         from fastcog.fast import fp8
@@ -77,9 +88,9 @@ def apply_fast_path(transformer: torch.nn.Module, cfg: Config, device: torch.dev
     if f.lora_kernel:
         from fastcog.fast.lora import use_fused_lora
 
-        check_kernels_can_run(device, "fast.lora_kernel")
         report.lora_kernel_linears = use_fused_lora(transformer)
-        report.lines.append(f"lora kernel: {len(report.lora_kernel_linears)} LoRA linears fused")
+        skipped = " (LoRA linears with an FP8 base keep peft's LoRA term)" if report.fp8_linears else ""
+        report.lines.append(f"lora kernel: {len(report.lora_kernel_linears)} LoRA linears fused{skipped}")
 
     if f.attention != "reference":
         from fastcog.fast.attention import choose_backend, set_attention_backend

@@ -95,8 +95,8 @@ def _block_inputs(transformer: torch.nn.Module, batch: int, tokens: int, dtype: 
         "temb": torch.empty(batch, cfg.time_embed_dim, dtype=dtype, device=device),
     }
     if cfg.use_rotary_positional_embeddings:
-        rot = torch.empty(tokens, cfg.attention_head_dim, dtype=torch.float32, device=device)
-        kwargs["image_rotary_emb"] = (rot, rot)
+        kwargs["image_rotary_emb"] = tuple(
+            torch.empty(tokens, cfg.attention_head_dim, dtype=torch.float32, device=device) for _ in range(2))
     return kwargs
 
 
@@ -125,19 +125,27 @@ def estimate_block_activations(transformer: torch.nn.Module, batch: int, tokens:
             return out
 
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-        params = {mode.from_tensor(p).untyped_storage()._cdata for p in block.parameters()}
+        # Explicit fake parameters (and buffers) so that saved weights can be told apart from
+        # activations: they are not activation memory.
+        state = {name: mode.from_tensor(t) for name, t in
+                 [*block.named_parameters(), *block.named_buffers()]}
         inputs = _block_inputs(transformer, batch, tokens, dtype, device)
+        # RoPE tables are saved by every block but exist once: not per-block memory either.
+        shared = [*state.values(), *inputs.get("image_rotary_emb", ())]
+        weights = {t.untyped_storage()._cdata for t in shared}
 
         def pack(t: torch.Tensor) -> torch.Tensor:
             key = t.untyped_storage()._cdata
-            if key not in params:
+            if key not in weights:
                 saved[key] = t.untyped_storage().nbytes()
             return t
 
-        # Inputs that require grad so that autograd records the whole block.
+        # Both streams require grad, as in every block after the first (the LoRA or SFT
+        # updates of earlier blocks reach them); temb does not in LoRA training.
         inputs["hidden_states"].requires_grad_(True)
+        inputs["encoder_hidden_states"].requires_grad_(True)
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), AttentionOutputs():
-            type(block).forward(block, **inputs)
+            torch.func.functional_call(block, state, (), inputs)
     input_bytes = inputs["hidden_states"].nbytes + inputs["encoder_hidden_states"].nbytes
     none = sum(saved.values())
     return ActivationEstimate(none=none, full=input_bytes, selective=input_bytes + attention_bytes,
