@@ -5,7 +5,8 @@ A checkpoint is a folder `checkpoint-<step>/`:
   .metadata, __<rank>_0.distcp   DCP: the trainable weights and the optimizer state, keyed by
                                  parameter name, each rank writing its own shards
   training_state.pt              LR schedule, GradScaler, RNG states (rank 0's: every rank
-                                 holds the same RNG state by construction)
+                                 holds the same RNG state by construction); the optimizer
+                                 state here instead for optim.cpu_offload (optimizer_by_name)
   trainer_state.json             TrainState: step and data position
   COMPLETE                       written last
 
@@ -23,11 +24,14 @@ that write to finish.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import re
 import shutil
+import warnings
+from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -123,17 +127,38 @@ def _options(**kwargs: Any) -> Any:
     return StateDictOptions(ignore_frozen_params=True, strict=False, **kwargs)
 
 
-def _model_and_optim(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+def optimizer_by_name(optimizer: Any) -> bool:
+    """Whether the optimizer's state can be saved per parameter name (through DCP).
+
+    Every torch.optim.Optimizer can, except torchao's CPUOffloadOptimizer (optim.cpu_offload):
+    it holds no `state` of its own but inner optimizers over host copies of the parameters.
+    It runs only where every rank holds whole parameters (one process, DDP), so its
+    state_dict() is saved whole, from rank 0, instead.
+    """
+    return isinstance(getattr(optimizer, "state", None), dict)
+
+
+def _dcp_state(model: torch.nn.Module, optimizer: Any) -> dict[str, Any]:
     """{"model": trainable tensors, "optim": optimizer state}, keyed by parameter name.
 
     Under FSDP the values are DTensor shards; names, not parameter ids, make them loadable
     with another number of ranks. An optimizer that has not stepped yet gets its state
     created here (a step with zero gradients and lr 0, by torch) so that loading has targets.
     """
-    from torch.distributed.checkpoint.state_dict import get_state_dict
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
+    if not optimizer_by_name(optimizer):
+        return {"model": get_model_state_dict(model, options=_options())}
     model_sd, optim_sd = get_state_dict(model, optimizer, options=_options())
     return {"model": model_sd, "optim": optim_sd}
+
+
+@contextlib.contextmanager
+def _quiet_single_process() -> Iterator[None]:
+    """DCP warns on every save and load without a process group; one process is a normal case here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
 
 
 # --------------------------------------------------------------------------------------------
@@ -153,7 +178,7 @@ class _Pending:
 class Checkpointer:
     """Writes checkpoint-<step>/ folders for every rank of the run; rank 0 owns the folder names.
 
-    Every rank must call save() at the same steps and wait() at the end (both are collective).
+    Every rank calls save() at the same steps (it is collective) and wait() before the end.
     """
 
     def __init__(self, output_dir: Path, world: World, limit: int | None = None, async_save: bool = False) -> None:
@@ -178,16 +203,19 @@ class Checkpointer:
                 shutil.rmtree(stale, ignore_errors=True)
             tmp.mkdir(parents=True)
         barrier()  # the folder exists (and no stale one will be removed) before any rank writes
-        tensors = _model_and_optim(model, optimizer)
+        tensors = _dcp_state(model, optimizer)
         if self.world.is_main:
-            _write_training_state(tmp, state, lr_scheduler, grad_scaler)
+            _write_training_state(tmp, state, optimizer, lr_scheduler, grad_scaler)
         if self.async_save:
-            result = dcp.async_save(tensors, checkpoint_id=str(tmp), process_group=self._group)
+            with _quiet_single_process():
+                result = dcp.async_save(tensors, checkpoint_id=str(tmp), process_group=self._group,
+                                        no_dist=not self.world.distributed)
             # torch >= 2.9 may answer with (staging, upload) futures; the upload is what matters.
             future = getattr(result, "upload_completion", result)
             self._pending = _Pending(tmp, final, future)
         else:
-            dcp.save(tensors, checkpoint_id=str(tmp))
+            with _quiet_single_process():
+                dcp.save(tensors, checkpoint_id=str(tmp), no_dist=not self.world.distributed)
             self._finalize(tmp, final)
         return final
 
@@ -220,9 +248,11 @@ class Checkpointer:
                 shutil.rmtree(old, ignore_errors=True)
 
 
-def _write_training_state(folder: Path, state: TrainState, lr_scheduler: Any, grad_scaler: Any) -> None:
+def _write_training_state(folder: Path, state: TrainState, optimizer: Any, lr_scheduler: Any,
+                          grad_scaler: Any) -> None:
     torch.save(
         {
+            "optimizer": None if optimizer_by_name(optimizer) else optimizer.state_dict(),
             "lr_scheduler": lr_scheduler.state_dict(),
             "grad_scaler": None if grad_scaler is None else grad_scaler.state_dict(),
             "rng": rng_state(),
@@ -250,8 +280,7 @@ def _checkpoint_keys(path: Path, prefix: str) -> set[str]:
     return {k[len(prefix):] for k in meta.state_dict_metadata if k.startswith(prefix)}
 
 
-def _check_names(path: Path, wanted: set[str]) -> None:
-    stored = _checkpoint_keys(path, "model.")
+def _check_names(path: Path, stored: set[str], wanted: set[str]) -> None:
     missing, unexpected = wanted - stored, stored - wanted
     if missing or unexpected:
         raise FastcogError(
@@ -265,14 +294,22 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
                     grad_scaler: Any = None) -> TrainState:
     """Restore trainable weights, optimizer, schedule, scaler and RNG in place (every rank)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import set_state_dict
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
-    tensors = _model_and_optim(model, optimizer)
-    _check_names(path, set(tensors["model"]))
-    dcp.load(tensors, checkpoint_id=str(path))
-    set_state_dict(model, optimizer, model_state_dict=tensors["model"], optim_state_dict=tensors["optim"],
-                   options=_options())
+    stored = _checkpoint_keys(path, "model.")
+    tensors = _dcp_state(model, optimizer)
+    _check_names(path, stored, set(tensors["model"]))
     blob = torch.load(path / TRAINING_STATE, weights_only=False)
+    if ("optim" in tensors) != (blob["optimizer"] is None):
+        raise FastcogError(f"{path} was saved with another optim.cpu_offload setting: resume with the same one")
+    with _quiet_single_process():
+        dcp.load(tensors, checkpoint_id=str(path), no_dist=not (dist.is_available() and dist.is_initialized()))
+    if "optim" in tensors:
+        set_state_dict(model, optimizer, model_state_dict=tensors["model"], optim_state_dict=tensors["optim"],
+                       options=_options())
+    else:
+        set_model_state_dict(model, tensors["model"], options=_options())
+        optimizer.load_state_dict(blob["optimizer"])
     lr_scheduler.load_state_dict(blob["lr_scheduler"])
     if grad_scaler is not None and blob["grad_scaler"] is not None:
         grad_scaler.load_state_dict(blob["grad_scaler"])
@@ -291,5 +328,6 @@ def read_trainable(path: Path) -> dict[str, torch.Tensor]:
     meta = FileSystemReader(str(path)).read_metadata().state_dict_metadata
     weights = {k[len("model."):]: torch.empty(m.size, dtype=m.properties.dtype)
                for k, m in meta.items() if k.startswith("model.") and isinstance(m, TensorStorageMetadata)}
-    dcp.load({"model": weights}, checkpoint_id=str(path), no_dist=True)
+    with _quiet_single_process():
+        dcp.load({"model": weights}, checkpoint_id=str(path), no_dist=True)
     return weights

@@ -25,24 +25,27 @@ def _quiet_libraries() -> None:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from fastcog.config import load_config
+    from fastcog.parallel import current_world, shutdown_distributed
     from fastcog.trainer import train
 
     cfg = load_config(args.config, args.set or ())
     _quiet_libraries()
-    summary = train(cfg)
-    print("\n".join(summary.lines()))
+    summary = train(cfg)  # joins torchrun's process group, if launched by torchrun
+    if current_world().is_main:
+        print("\n".join(summary.lines()))
+    shutdown_distributed()
     return 0
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
     from fastcog.config import load_config
     from fastcog.data.prepare import cache_dir_for, prepare
-    from fastcog.parallel import device_for, init_distributed
+    from fastcog.parallel import device_for, init_distributed, shutdown_distributed
     from fastcog.trainer import check_inputs, make_encoder_factory, seed_everything
 
     cfg = load_config(args.config, args.set or ())
     _quiet_libraries()
-    world = init_distributed()
+    world = init_distributed(cfg.parallel.timeout_s)
     variant, samples = check_inputs(cfg, world)
     seed_everything(cfg.train.seed)
     device = device_for(world)
@@ -50,6 +53,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
                      show_progress=cfg.log.progress_bar)
     if world.is_main:
         print(result.summary(cache_dir_for(cfg)))
+    shutdown_distributed()
     return 0
 
 

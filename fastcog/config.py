@@ -219,7 +219,8 @@ class ParallelConfig:
     replicate_degree: int = 1
     """HSDP: replicate over this many groups (usually nodes) and shard within each; 1 = plain FSDP."""
     timeout_s: float = 600.0
-    """A collective waiting longer than this (a dead or stuck rank) ends the job with an error."""
+    """A collective waiting longer than this (a stuck rank) ends the job with an error. A rank
+    that dies ends the job at once: torchrun stops the others."""
 
 
 @dataclass(frozen=True)
@@ -234,8 +235,9 @@ class CheckpointConfig:
     save_final: bool = True
     """Also save a checkpoint at the last step."""
     async_save: bool = False
-    """Under torchrun: write checkpoints with torch.distributed.checkpoint's async save, so the
-    next steps run while the files are written."""
+    """Write checkpoints with torch.distributed.checkpoint's async save (with or without torchrun),
+    so the next steps run while the files are written; the folder is marked complete only once
+    they are."""
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -28,7 +29,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from fastcog.config import ParallelConfig
+from fastcog.config import OptimConfig, ParallelConfig
 from fastcog.errors import ConfigError
 
 
@@ -132,6 +133,26 @@ def resolve_strategy(par: ParallelConfig, world: World) -> str:
     return strategy
 
 
+# Optimizers that step plain tensors only: FSDP hands them DTensor shards (measured on CPU with
+# torch 2.13: CAME mixes DTensor and Tensor in its factored moments, bitsandbytes' update kernel
+# has no DTensor sharding rule). torchao's CPUOffloadOptimizer is documented single-device.
+NOT_WITH_FSDP = {"came": "CAME", "adamw8bit_bnb": "bitsandbytes' AdamW8bit"}
+
+
+def check_optimizer(o: OptimConfig, strategy: str) -> None:
+    """Refuse optimizer settings that cannot step FSDP's sharded parameters, before any work."""
+    if strategy != "fsdp":
+        return
+    if o.name in NOT_WITH_FSDP:
+        raise ConfigError(
+            f"optim.name={o.name!r} ({NOT_WITH_FSDP[o.name]}) cannot step FSDP's sharded parameters: use "
+            "parallel.strategy=ddp, or one of adamw, adam, adamw8bit, adamw4bit, adamw_fp8, prodigy"
+        )
+    if o.cpu_offload:
+        raise ConfigError("optim.cpu_offload (torchao's CPUOffloadOptimizer) is single-device and cannot step "
+                          "FSDP's sharded parameters: use parallel.strategy=ddp, or set optim.cpu_offload: false")
+
+
 @dataclass
 class Parallel:
     """The transformer as the loop uses it, whatever the strategy."""
@@ -218,6 +239,9 @@ def apply_fsdp(transformer: torch.nn.Module, par: ParallelConfig, world: World, 
     else:
         mesh = init_device_mesh(device.type, (world.world_size,), mesh_dim_names=("shard",))
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    # The root returns its output as a reshaped view; FSDP2 warns that an in-place op on it
+    # would skip the backward all-gather. The objectives only read it out of place.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor", category=UserWarning)
     blocks = list(transformer.transformer_blocks)
     for i, block in enumerate(blocks):
         # The last block's parameters are needed again at once by the backward: keeping them

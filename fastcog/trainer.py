@@ -1,9 +1,10 @@
 """The training loop: train() -> train_step() -> forward_backward().
 
-Single process for now; the distributed issue adds a parallelize step and sharded
-checkpoints around the same loop. Everything the user can get wrong (config, model folder,
-data files) is checked before the output directory is touched, so a bad run never damages an
-earlier one.
+One process, or one per GPU under torchrun (fastcog.parallel: FSDP2, DDP). Every rank runs
+the same loop on its slice of each global batch; rank 0 alone writes config, metrics, the
+progress bar, checkpoint folder names and the exported weights. Everything the user can get
+wrong (config, model folder, data files) is checked before the output directory is touched,
+so a bad run never damages an earlier one.
 """
 
 from __future__ import annotations
@@ -21,14 +22,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from fastcog.checkpoint import TrainState, list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
+from fastcog.checkpoint import Checkpointer, TrainState, list_checkpoints, load_checkpoint, resolve_resume
 from fastcog.config import Config, save_config, to_dict, validate_for_variant
 from fastcog.data.buckets import BucketBatchSampler
 from fastcog.data.cache import CachedDataset, Encoder
 from fastcog.data.listfile import Sample, read_dataset
 from fastcog.data.prepare import cache_dir_for, prepare
 from fastcog.errors import ConfigError, FastcogError
-from fastcog.lora import export_lora, inject_lora, load_trainable_state_dict, trainable_state_dict
+from fastcog.lora import ADAPTER_NAME, LORA_WEIGHTS_NAME, export_lora, inject_lora, lora_adapter_metadata
 from fastcog.metrics import (
     MetricsWriter,
     host_peak_rss_gb,
@@ -39,7 +40,18 @@ from fastcog.metrics import (
 from fastcog.models import TORCH_DTYPES, load_components, read_variant
 from fastcog.objective import ReferenceObjective, make_objective
 from fastcog.optim import build_optimizer
-from fastcog.parallel import SINGLE_PROCESS, World
+from fastcog.parallel import (
+    SINGLE_PROCESS,
+    Parallel,
+    World,
+    barrier,
+    check_optimizer,
+    device_for,
+    grad_scaler_for,
+    init_distributed,
+    parallelize,
+    resolve_strategy,
+)
 from fastcog.variants import VariantSpec
 
 
@@ -56,6 +68,8 @@ class RunSummary:
     export_path: Path | None
     losses: list[float] = field(default_factory=list)
     resumed_from: Path | None = None
+    world_size: int = 1
+    strategy: str = "none"
 
     def lines(self) -> list[str]:
         mem = "not measured (CPU)" if self.mem_peak_gb is None else f"{self.mem_peak_gb:.2f} GB"
@@ -67,6 +81,7 @@ class RunSummary:
             "fastcog run finished",
             f"  steps          {self.steps}"
             + (f" (resumed from {self.resumed_from.name})" if self.resumed_from else ""),
+            f"  processes      {self.world_size}" + (f" ({self.strategy})" if self.world_size > 1 else ""),
             f"  loss           {trend}",
             f"  wall time      {self.wall_time_s:.1f} s",
             f"  throughput     {thr}",
@@ -106,7 +121,6 @@ def check_inputs(cfg: Config, world: World = SINGLE_PROCESS) -> tuple[VariantSpe
     """
     from fastcog.data.synthetic import make_synthetic_dataset
     from fastcog.models import make_tiny
-    from fastcog.parallel import barrier
 
     d = cfg.data
     if world.is_main:
@@ -127,8 +141,11 @@ def check_inputs(cfg: Config, world: World = SINGLE_PROCESS) -> tuple[VariantSpe
     return variant, samples
 
 
-def prepare_output_dir(cfg: Config) -> tuple[Path, Path | None]:
-    """Create the output dir; refuse to overwrite an earlier run's checkpoints."""
+def prepare_output_dir(cfg: Config, world: World = SINGLE_PROCESS) -> tuple[Path, Path | None]:
+    """Create the output dir; refuse to overwrite an earlier run's checkpoints.
+
+    Every rank checks (so all raise the same error, or none does); rank 0 writes.
+    """
     out = Path(cfg.train.output_dir)
     resume = resolve_resume(cfg.checkpoint.resume_from, out)
     if resume is None and list_checkpoints(out) and cfg.checkpoint.resume_from is None:
@@ -136,8 +153,10 @@ def prepare_output_dir(cfg: Config) -> tuple[Path, Path | None]:
             f"train.output_dir={str(out)!r} already holds checkpoints of an earlier run: set "
             "checkpoint.resume_from=latest to continue it, or choose a new train.output_dir"
         )
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
+    if world.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    barrier()
     return out, resume
 
 
@@ -182,13 +201,14 @@ def micro_batches(dataset: CachedDataset, cfg: Config, state: TrainState, device
 # --------------------------------------------------------------------------------------------
 
 
-def build_transformer(cfg: Config, device: torch.device, tokens_per_sample: int,
+def build_transformer(cfg: Config, device: torch.device, tokens_per_sample: int, *, verbose: bool = True,
                       ) -> tuple[torch.nn.Module, list[torch.nn.Parameter]]:
     """Frozen weights in the compute dtype (SFT: fp32 master weights), adapters in fp32, then
     the fast path (kernels, attention, FP8, activation checkpointing, compile) as configured.
 
     tokens_per_sample: the largest video token count of any bucket (sizes the checkpointing
-    policy for `auto`).
+    policy for `auto`). Under FSDP, call parallelize() next and take the parameters again:
+    fully_shard replaces them.
     """
     from fastcog.fast import apply_fast_path
 
@@ -201,7 +221,7 @@ def build_transformer(cfg: Config, device: torch.device, tokens_per_sample: int,
     else:
         params = inject_lora(transformer, cfg.lora)
     transformer.to(device).train()
-    apply_fast_path(transformer, cfg, device, tokens_per_sample=tokens_per_sample)
+    apply_fast_path(transformer, cfg, device, tokens_per_sample=tokens_per_sample, verbose=verbose)
     return transformer, params
 
 
@@ -270,19 +290,24 @@ def forward_backward(objective: ReferenceObjective, transformer: torch.nn.Module
     return float(loss.detach())
 
 
-def train_step(objective: ReferenceObjective, transformer: torch.nn.Module, params: list, batches: Iterator,
-               optimizer: Any, lr_scheduler: Any, grad_scaler: Any, cfg: Config, device: torch.device,
-               count: WorkCounter) -> tuple[float, float, StepWork]:
-    """One optimizer step over gradient_accumulation_steps micro-batches: (mean loss, pre-clip norm, work)."""
+def train_step(objective: ReferenceObjective, par: Parallel, params: list, batches: Iterator, optimizer: Any,
+               lr_scheduler: Any, grad_scaler: Any, cfg: Config, count: WorkCounter) -> tuple[float, float, StepWork]:
+    """One optimizer step over gradient_accumulation_steps micro-batches.
+
+    Returns (loss averaged over micro-batches and ranks, pre-clip global gradient norm, this
+    rank's work). Gradients are reduced across ranks on the last micro-batch only.
+    """
     losses, work = [], StepWork()
-    for _ in range(cfg.train.gradient_accumulation_steps):
+    accumulation = cfg.train.gradient_accumulation_steps
+    for i in range(accumulation):
         batch = next(batches)
         count(batch, work)
-        losses.append(forward_backward(objective, transformer, batch, cfg, device, grad_scaler))
+        with par.grad_sync(is_last=i == accumulation - 1):
+            losses.append(forward_backward(objective, par.forward_module, batch, cfg, par.device, grad_scaler))
     if grad_scaler is not None:
         grad_scaler.unscale_(optimizer)
     max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else float("inf")
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    grad_norm = par.clip_grad_norm(params, max_norm)
     if grad_scaler is not None:
         grad_scaler.step(optimizer)
         grad_scaler.update()
@@ -290,26 +315,19 @@ def train_step(objective: ReferenceObjective, transformer: torch.nn.Module, para
         optimizer.step()
     lr_scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return sum(losses) / len(losses), grad_norm, work
+    return par.mean_over_ranks(sum(losses) / len(losses)), grad_norm, work
 
 
 def total_steps(cfg: Config, batches_per_epoch: int) -> int:
+    """batches_per_epoch: global batches (the same count on every rank)."""
     if cfg.train.train_steps is not None:
         return cfg.train.train_steps
     return max(1, math.ceil(cfg.train.train_epochs * batches_per_epoch / cfg.train.gradient_accumulation_steps))
 
 
-def train(cfg: Config) -> RunSummary:
-    """Run a whole training job described by `cfg`; returns the end-of-run summary."""
-    t_start = time.perf_counter()
-    variant, samples = check_inputs(cfg)
-    out, resume_path = prepare_output_dir(cfg)
-    device = pick_device()
-    seed_everything(cfg.train.seed)
-
-    dataset = prepare_dataset(cfg, samples, variant, device)
-    # In the loop: the scheduler always; the VAE for I2V (the image is encoded every step) and
-    # for validation; T5 only for validation.
+def load_loop_components(cfg: Config, variant: VariantSpec, device: torch.device) -> Any:
+    """What the loop needs besides the transformer: the scheduler always; the VAE for I2V (the
+    image is encoded every step) and for validation; T5 only for validation."""
     parts = ["scheduler"]
     if variant.is_i2v or cfg.validation.every_steps:
         parts.append("vae")
@@ -318,82 +336,211 @@ def train(cfg: Config) -> RunSummary:
     comps = load_components(cfg.model.path, cfg.model.dtype, parts=tuple(parts))
     if comps.vae is not None:
         comps.vae.to(device)
+    return comps
 
+
+def build_parallel_model(cfg: Config, strategy: str, world: World, device: torch.device, tokens_per_sample: int,
+                         ) -> tuple[Parallel, list[torch.nn.Parameter]]:
+    """The transformer, patched and wrapped for the strategy, and its trainable parameters.
+
+    Seeded first, so the LoRA initialisation is the same on every rank and in every run
+    (whatever the data preparation drew from the RNG before): FSDP shards each rank's copy,
+    so they must agree.
+    """
+    seed_everything(cfg.train.seed)
+    transformer, _ = build_transformer(cfg, device, tokens_per_sample, verbose=world.is_main)
+    par = parallelize(transformer, cfg.parallel, strategy, world, device, cfg.model.dtype)
+    # fully_shard swapped every parameter for a DTensor shard: take them again.
+    return par, [p for p in transformer.parameters() if p.requires_grad]
+
+
+def step_metrics(state: TrainState, loss: float, grad_norm: float, lr: float, dt: float, work: StepWork,
+                 world: World, peak: float | None, device: torch.device) -> dict[str, Any]:
+    """One metrics.jsonl record. Throughput counts the global batch (every rank's slice has the
+    same shape); tflops is the whole job's, mfu is per device."""
+    n = world.world_size
+    tflops = work.flops * n / dt / 1e12
+    return {
+        "step": state.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "step_time_s": dt,
+        "samples_per_s": work.samples * n / dt, "tokens_per_s": work.video_tokens * n / dt,
+        "tflops": tflops, "mfu": None if peak is None else tflops * 1e12 / (peak * n),
+        "mem_peak_gb": peak_memory_gb(device),
+    }
+
+
+def train(cfg: Config) -> RunSummary:
+    """Run a whole training job described by `cfg`; returns the end-of-run summary.
+
+    Under torchrun every rank calls this; each returns the same summary.
+    """
+    t_start = time.perf_counter()
+    world = init_distributed(cfg.parallel.timeout_s)
+    strategy = resolve_strategy(cfg.parallel, world)
+    check_optimizer(cfg.optim, strategy)
+    variant, samples = check_inputs(cfg, world)
+    out, resume_path = prepare_output_dir(cfg, world)
+    device = device_for(world)
+    seed_everything(cfg.train.seed)
+
+    dataset = prepare_dataset(cfg, samples, variant, device, world)
+    comps = load_loop_components(cfg, variant, device)
     bucket_of = [it.bucket for it in dataset.items]
-    max_tokens = max_video_tokens(dataset, variant)
-    transformer, params = build_transformer(cfg, device, max_tokens)
+    par, params = build_parallel_model(cfg, strategy, world, device, max_video_tokens(dataset, variant))
+    transformer = par.module
     objective = make_objective(cfg, variant, comps.scheduler, comps.vae)
-    steps = total_steps(cfg, len(BucketBatchSampler(bucket_of, cfg.train.batch_size, cfg.train.seed)))
+    if world.distributed:
+        objective.set_shard(world.rank, world.world_size)
+    sampler = BucketBatchSampler(bucket_of, cfg.train.batch_size, cfg.train.seed, rank=world.rank,
+                                 world_size=world.world_size)
+    steps = total_steps(cfg, len(sampler))
     optimizer, lr_scheduler = build_optimizer(cfg, params, steps)
-    grad_scaler = torch.amp.GradScaler(device.type) if cfg.model.dtype == "fp16" else None
+    grad_scaler = grad_scaler_for(strategy, device, cfg.model.dtype)
 
     state = TrainState()
     if resume_path is not None:
-        state, weights = load_checkpoint(resume_path, optimizer, lr_scheduler, grad_scaler)
-        load_trainable_state_dict(transformer, weights)
-        print(f"resumed from {resume_path} at step {state.step}")
+        state = load_checkpoint(resume_path, transformer, optimizer, lr_scheduler, grad_scaler)
+        if world.is_main:
+            print(f"resumed from {resume_path} at step {state.step}")
     else:
         seed_everything(cfg.train.seed)  # the same draws whether or not earlier setup used the RNG
-    metrics = MetricsWriter(out, cfg.log.report_to, cfg.log.tracker_name, to_dict(cfg),
-                            resume_step=state.step if resume_path else None)
+    metrics = (MetricsWriter(out, cfg.log.report_to, cfg.log.tracker_name, to_dict(cfg),
+                             resume_step=state.step if resume_path else None) if world.is_main else None)
+    checkpointer = Checkpointer(out, world, cfg.checkpoint.limit, cfg.checkpoint.async_save)
 
     count = WorkCounter(transformer.config, variant, cfg)
     peak = peak_flops(device)
-    batches = micro_batches(dataset, cfg, state, device)
+    batches = micro_batches(dataset, cfg, state, device, world)
     losses: list[float] = []
     step_times: list[float] = []
     step_samples: list[int] = []
-    bar = tqdm(total=steps, initial=state.step, desc="training", unit="step", disable=not cfg.log.progress_bar,
-               dynamic_ncols=True)
+    bar = tqdm(total=steps, initial=state.step, desc="training", unit="step",
+               disable=not (cfg.log.progress_bar and world.is_main), dynamic_ncols=True)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     while state.step < steps:
         t0 = time.perf_counter()
-        loss, grad_norm, work = train_step(objective, transformer, params, batches, optimizer, lr_scheduler,
-                                           grad_scaler, cfg, device, count)
+        loss, grad_norm, work = train_step(objective, par, params, batches, optimizer, lr_scheduler, grad_scaler,
+                                           cfg, count)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         dt = time.perf_counter() - t0
         state.step += 1
         losses.append(loss)
         step_times.append(dt)
-        lr = lr_scheduler.get_last_lr()[0]
-        step_samples.append(work.samples)
-        tflops = work.flops / dt / 1e12
-        metrics.write({
-            "step": state.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "step_time_s": dt,
-            "samples_per_s": work.samples / dt, "tokens_per_s": work.video_tokens / dt,
-            "tflops": tflops, "mfu": None if peak is None else tflops * 1e12 / peak,
-            "mem_peak_gb": peak_memory_gb(device),
-        })
+        step_samples.append(work.samples * world.world_size)
+        lr = float(lr_scheduler.get_last_lr()[0])  # torchao's low-bit optimizers keep lr as a tensor
+        if metrics is not None:
+            metrics.write(step_metrics(state, loss, grad_norm, lr, dt, work, world, peak, device))
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", grad_norm=f"{grad_norm:.3f}")
+        checkpointer.poll()
         last = state.step == steps
         every = cfg.checkpoint.every_steps
         if (every and state.step % every == 0) or (last and cfg.checkpoint.save_final):
-            save_checkpoint(out, state, trainable_state_dict(transformer), optimizer, lr_scheduler, grad_scaler,
-                            cfg.checkpoint.limit)
+            checkpointer.save(state, transformer, optimizer, lr_scheduler, grad_scaler)
         if cfg.validation.every_steps and state.step % cfg.validation.every_steps == 0:
-            from fastcog.validation import render_validation
-
-            for path in render_validation(cfg, comps, transformer, out, state.step, device):
-                metrics.log_video(f"validation/{path.stem}", path, state.step)
+            run_validation(cfg, comps, par, out, state.step, metrics)
     bar.close()
-    metrics.close()
+    checkpointer.wait()
+    if metrics is not None:
+        metrics.close()
 
-    if cfg.model.training_type == "sft":
-        export_path = out / "transformer"
-        transformer.save_pretrained(export_path)
-    else:
-        export_path = export_lora(transformer, cfg.lora, out / "lora", variant.is_i2v)
+    export_path = export_weights(cfg, par, out, variant)
     first = 1 if len(step_times) > 1 else 0  # the first step includes one-off warm-up
-    summary = RunSummary(
+    return RunSummary(
         output_dir=out, steps=state.step, wall_time_s=time.perf_counter() - t_start,
         samples_per_s=sum(step_samples[first:]) / sum(step_times[first:]) if step_times else None,
         mem_peak_gb=peak_memory_gb(device), host_peak_rss_gb=host_peak_rss_gb(),
-        export_path=export_path, losses=losses, resumed_from=resume_path,
+        export_path=export_path, losses=losses, resumed_from=resume_path, world_size=world.world_size,
+        strategy=strategy,
     )
-    return summary
+
+
+def run_validation(cfg: Config, comps: Any, par: Parallel, out: Path, step: int, metrics: MetricsWriter | None,
+                   ) -> None:
+    """Render the validation prompts. Under FSDP every forward is collective, so every rank
+    renders (the same videos: same weights, same seeds); rank 0's are kept, the others' go to a
+    temporary folder."""
+    import tempfile
+
+    from fastcog.validation import render_validation
+
+    module = par.module  # never the DDP wrapper: inference needs no gradient sync
+    if par.world.is_main:
+        for path in render_validation(cfg, comps, module, out, step, par.device):
+            if metrics is not None:
+                metrics.log_video(f"validation/{path.stem}", path, step)
+        return
+    with tempfile.TemporaryDirectory(prefix="fastcog-validation-") as scratch:
+        render_validation(cfg, comps, module, Path(scratch), step, par.device)
+
+
+# --------------------------------------------------------------------------------------------
+# Export: the diffusers-format result, written by rank 0
+# --------------------------------------------------------------------------------------------
+
+
+def export_weights(cfg: Config, par: Parallel, out: Path, variant: VariantSpec) -> Path:
+    """LoRA: out/lora/pytorch_lora_weights.safetensors; SFT: out/transformer (a diffusers folder).
+
+    Under FSDP the full trainable state is first gathered to rank 0 (on the CPU); under DDP and
+    in one process rank 0 already holds it.
+    """
+    sft = cfg.model.training_type == "sft"
+    path = out / "transformer" if sft else out / "lora" / LORA_WEIGHTS_NAME
+    full = gather_full_state(par.module, trainable_only=not sft) if par.strategy == "fsdp" else None
+    if par.world.is_main:
+        if sft:
+            save_transformer(par.module, path, full)
+        else:
+            save_lora(par.module, cfg, path.parent, variant.is_i2v, full)
+    barrier()
+    return path
+
+
+def gather_full_state(module: torch.nn.Module, trainable_only: bool) -> dict[str, torch.Tensor]:
+    """Whole (unsharded) tensors on rank 0's CPU, by parameter name; empty on other ranks. Collective."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
+    return get_model_state_dict(module, options=options)
+
+
+def save_lora(transformer: torch.nn.Module, cfg: Config, out_dir: Path, is_i2v: bool,
+              full: dict[str, torch.Tensor] | None) -> Path:
+    """Export the adapters; `full`: gathered tensors to export instead of the module's own."""
+    if full is None:
+        return export_lora(transformer, cfg.lora, out_dir, is_i2v)
+    # The same file as export_lora writes from a whole module: peft picks and renames the
+    # adapter tensors from the given state dict, diffusers writes them with the alpha metadata.
+    from diffusers import CogVideoXImageToVideoPipeline, CogVideoXPipeline
+    from peft.utils import get_peft_model_state_dict
+
+    layers = get_peft_model_state_dict(transformer, state_dict=full, adapter_name=ADAPTER_NAME)
+    layers = {k: v.detach().float().cpu().contiguous() for k, v in layers.items()}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (CogVideoXImageToVideoPipeline if is_i2v else CogVideoXPipeline).save_lora_weights(
+        out_dir, transformer_lora_layers=layers, weight_name=LORA_WEIGHTS_NAME,
+        transformer_lora_adapter_metadata=lora_adapter_metadata(cfg.lora),
+    )
+    return out_dir / LORA_WEIGHTS_NAME
+
+
+def save_transformer(transformer: torch.nn.Module, path: Path, full: dict[str, torch.Tensor] | None) -> None:
+    """save_pretrained of the trained transformer; from `full` (gathered tensors) when given.
+
+    The gathered tensors are put into a parameter-less copy built on the meta device, so the
+    export needs no second full model in memory.
+    """
+    if full is None:
+        transformer.save_pretrained(path)
+        return
+    from diffusers import CogVideoXTransformer3DModel
+
+    with torch.device("meta"):
+        plain = CogVideoXTransformer3DModel.from_config(transformer.config)
+    plain.load_state_dict(full, assign=True)
+    plain.save_pretrained(path)
 
 
 def max_video_tokens(dataset: CachedDataset, variant: VariantSpec) -> int:

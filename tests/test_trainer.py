@@ -97,8 +97,8 @@ def test_resume_latest_continues_exactly(tiny_checkpoint, clips, tmp_path):
 def test_export_loads_into_diffusers_with_alpha(tiny_checkpoint, clips, tmp_path):
     """The exported LoRA in CogVideoXPipeline gives the trained model's output (alpha != rank)."""
     from diffusers import CogVideoXPipeline
-    from safetensors.torch import load_file
 
+    from fastcog.checkpoint import read_trainable
     from fastcog.lora import load_trainable_state_dict
     from fastcog.objective import RotaryCache
     from fastcog.trainer import build_transformer
@@ -107,7 +107,7 @@ def test_export_loads_into_diffusers_with_alpha(tiny_checkpoint, clips, tmp_path
     cfg = make_cfg(model, clips, tmp_path / "run", lora={"rank": 4, "alpha": 2}, optim={"lr": 5e-3})
     train(cfg)
     trained, _ = build_transformer(cfg, torch.device("cpu"), tokens_per_sample=1)
-    load_trainable_state_dict(trained, load_file(str(tmp_path / "run" / "checkpoint-4" / "trainable.safetensors")))
+    load_trainable_state_dict(trained, read_trainable(tmp_path / "run" / "checkpoint-4"))
     pipe = CogVideoXPipeline.from_pretrained(model)
     pipe.load_lora_weights(tmp_path / "run" / "lora")
     g = torch.Generator().manual_seed(0)

@@ -1,0 +1,411 @@
+"""torchrun on CPU with gloo: the losses of one process, checkpoints across world sizes, a dead rank.
+
+Every comparison is 2 ranks x batch 1 against 1 process x batch 2 (the same global batch),
+with gradient accumulation 2 and a clipping norm below the gradient norm, so gradient sync on
+the last micro-batch only and the global-norm clip are both on the path being compared.
+
+Tolerances. fp32: the same samples, timesteps and noise reach the same model, but one
+process computes them as one batch-2 GEMM where two ranks compute two batch-1 GEMMs, and the
+gradient is summed in another order (reduce-scatter); fp32 rounding then differs at ~1e-7 per
+op and the per-step losses agree to ~1e-8 relative (measured). 1e-6 relative leaves room for
+a drift over 12 steps, yet a wrong gradient (say a missing average over ranks, or a clip by
+one shard's norm) moves the loss at the 1e-4 level from step 2 on. bf16 (FSDP casts the
+fp32 adapters to bf16 before the matmul, one process lets autocast do it inside; measured
+5e-5): 1e-3 relative.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from fastcog.checkpoint import list_checkpoints, load_checkpoint, read_trainable
+from fastcog.config import ParallelConfig, config_from_dict, validate
+from fastcog.data.synthetic import make_synthetic_dataset
+from fastcog.errors import ConfigError, FastcogError
+from fastcog.parallel import World, check_optimizer, resolve_strategy
+from fastcog.trainer import check_inputs, prepare_dataset, train
+
+FP32_RTOL = 1e-6
+BF16_RTOL = 1e-3
+STEPS = 12
+LAUNCH_TIMEOUT_S = 300
+
+
+@pytest.fixture(scope="module")
+def data(tiny_checkpoint, tmp_path_factory) -> dict[str, str]:
+    """Tiny model, 4 clips and their prepared cache, shared by every run here (encoded once)."""
+    root = tmp_path_factory.mktemp("dist")
+    clips = root / "clips"
+    make_synthetic_dataset(clips, num_clips=4, num_frames=9, height=64, width=96, seed=0)
+    paths = {"model": str(tiny_checkpoint("cogvideox-5b")), "clips": str(clips), "cache": str(root / "cache"),
+             "root": str(root)}
+    cfg = config_from_dict(raw_config(paths, root / "prepare"))
+    variant, samples = check_inputs(cfg)
+    prepare_dataset(cfg, samples, variant, torch.device("cpu"))
+    return paths
+
+
+def raw_config(data: dict[str, str], out: Path, ranks: int = 1, global_batch: int = 2, **sections) -> dict:
+    """The shared config: batch_size = global_batch / ranks, accumulation 2, clipping active."""
+    raw = {
+        "model": {"path": data["model"], "dtype": "fp32"},
+        "data": {"data_root": data["clips"], "num_frames": 9, "height": 64, "width": 96, "cache_dir": data["cache"]},
+        "lora": {"rank": 4, "alpha": 8},
+        # lr_scheduler constant_with_warmup: the LR of a step does not depend on train_steps.
+        "optim": {"lr": 1e-3, "lr_warmup_steps": 2, "max_grad_norm": 0.002},
+        "train": {"output_dir": str(out), "seed": 1, "batch_size": global_batch // ranks,
+                  "gradient_accumulation_steps": 2, "train_steps": STEPS, "activation_checkpointing": "none"},
+        "checkpoint": {"every_steps": 4, "limit": None},
+        "log": {"report_to": "none", "progress_bar": False},
+    }
+    for name, values in sections.items():
+        raw.setdefault(name, {}).update(values)
+    return raw
+
+
+def in_process(raw: dict):
+    cfg = config_from_dict(raw)
+    validate(cfg)
+    return train(cfg)
+
+
+def torchrun_command(cfg_path: Path, nproc: int, script: list[str] | None = None) -> list[str]:
+    # --standalone: a rendezvous on a free local port, so concurrent launches never collide.
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+    return launcher + (script or ["-m", "fastcog"]) + ["train", str(cfg_path)]
+
+
+def write_config(raw: dict, name: str) -> Path:
+    path = Path(raw["train"]["output_dir"]).parent / f"{name}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def launch(raw: dict, name: str, nproc: int = 2, script: list[str] | None = None) -> subprocess.CompletedProcess:
+    cfg_path = write_config(raw, name)
+    done = subprocess.run(torchrun_command(cfg_path, nproc, script), capture_output=True, text=True, env=env(),
+                          timeout=LAUNCH_TIMEOUT_S)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done
+
+
+def metrics(out: str | Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(out: str | Path) -> list[float]:
+    return [row["loss"] for row in metrics(out)]
+
+
+def assert_losses_close(got: list[float], want: list[float], rtol: float) -> None:
+    assert len(got) == len(want) and len(got) > 0
+    worst = max(abs(g - w) / abs(w) for g, w in zip(got, want))
+    print(f"{len(got)} steps, largest relative loss difference {worst:.1e} (tolerance {rtol:.0e})")
+    assert worst <= rtol, f"largest relative loss difference {worst:.2e} > {rtol:.0e}:\n{got}\n{want}"
+
+
+@pytest.fixture(scope="module")
+def one_rank(data) -> Path:
+    """The reference: one process, batch 2, 12 steps, checkpoints every 4."""
+    out = Path(data["root"]) / "one_rank"
+    in_process(raw_config(data, out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_ranks(data) -> Path:
+    """FSDP2 on 2 ranks, batch 1 each, the same 12 steps; checkpoints written with async save."""
+    out = Path(data["root"]) / "two_ranks"
+    launch(raw_config(data, out, ranks=2, checkpoint={"async_save": True}), "two_ranks")
+    return out
+
+
+def test_two_ranks_give_the_losses_of_one(one_rank, two_ranks):
+    ref, got = metrics(one_rank), metrics(two_ranks)
+    assert [r["step"] for r in got] == list(range(1, STEPS + 1))  # rank 0 alone writes metrics
+    assert_losses_close([r["loss"] for r in got], [r["loss"] for r in ref], FP32_RTOL)
+    # The pre-clip norm is the norm over both ranks' shards (each shard alone is smaller), and
+    # above max_grad_norm: every step was clipped by it.
+    for r, g in zip(ref, got):
+        assert g["grad_norm"] == pytest.approx(r["grad_norm"], rel=1e-5)
+        assert g["grad_norm"] > 0.002
+        # Throughput counts the global batch: the same tokens per sample as one process.
+        assert g["tokens_per_s"] / g["samples_per_s"] == pytest.approx(r["tokens_per_s"] / r["samples_per_s"])
+    assert [s for s, _ in list_checkpoints(two_ranks)] == [4, 8, 12]  # async saves all completed
+    assert not list(two_ranks.glob(".tmp-checkpoint-*"))
+
+
+def test_exported_lora_of_two_ranks_equals_one(one_rank, two_ranks):
+    from safetensors import safe_open
+
+    files = [out / "lora" / "pytorch_lora_weights.safetensors" for out in (one_rank, two_ranks)]
+    tensors, meta = [], []
+    for f in files:
+        with safe_open(str(f), framework="pt") as h:
+            tensors.append({k: h.get_tensor(k) for k in h.keys()})
+            meta.append(h.metadata())
+    assert meta[0] == meta[1] and "lora_adapter_metadata" in json.dumps(meta[0])  # alpha travels along
+    assert tensors[0].keys() == tensors[1].keys() and len(tensors[0]) > 0
+    for key, want in tensors[0].items():
+        # fp32 Adam with lr 1e-3 over 12 steps: the weights agree to the last few ulps of their
+        # updates (atol 1e-6 on weights ~1e-1, updates ~1e-2).
+        torch.testing.assert_close(tensors[1][key], want, rtol=1e-5, atol=1e-6, msg=key)
+    # The last checkpoint (shards of both ranks, read whole) holds exactly the exported weights.
+    ck = read_trainable(two_ranks / "checkpoint-12")
+    exported = {"transformer." + name.replace(".default", ""): value for name, value in ck.items()}
+    assert exported.keys() == tensors[1].keys()
+    assert all(torch.equal(exported[k], tensors[1][k]) for k in exported)
+
+
+def test_checkpoint_of_two_ranks_resumes_on_one(data, one_rank, two_ranks, tmp_path):
+    out = tmp_path / "resumed"
+    out.mkdir()
+    shutil.copytree(two_ranks / "checkpoint-4", out / "checkpoint-4")
+    summary = in_process(raw_config(data, out, checkpoint={"resume_from": "latest"}))
+    assert summary.resumed_from == out / "checkpoint-4"
+    assert_losses_close(summary.losses, losses(one_rank)[4:], FP32_RTOL)
+
+
+def test_checkpoint_of_one_rank_resumes_on_two(data, one_rank, tmp_path):
+    out = tmp_path / "resumed"
+    out.mkdir()
+    shutil.copytree(one_rank / "checkpoint-4", out / "checkpoint-4")
+    done = launch(raw_config(data, out, ranks=2, checkpoint={"resume_from": "latest"}), "resume")
+    assert "resumed from" in done.stdout and "processes      2 (fsdp)" in done.stdout
+    assert [r["step"] for r in metrics(out)] == list(range(5, STEPS + 1))
+    assert_losses_close(losses(out), losses(one_rank)[4:], FP32_RTOL)
+
+
+def test_ddp_with_the_fastcog_script_gives_the_losses_of_one(data, one_rank, tmp_path):
+    """parallel.strategy=ddp, launched through the installed `fastcog` script."""
+    script = shutil.which("fastcog", path=str(Path(sys.executable).parent))
+    assert script is not None, "the fastcog console script is not installed next to this python"
+    out = tmp_path / "ddp"
+    raw = raw_config(data, out, ranks=2, parallel={"strategy": "ddp"}, train={"train_steps": 6})
+    done = launch(raw, "ddp", script=[script])
+    assert "processes      2 (ddp)" in done.stdout
+    assert_losses_close(losses(out), losses(one_rank)[:6], FP32_RTOL)
+    assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_bf16_lora_under_fsdp(data, tmp_path):
+    """Frozen bf16 base and fp32 adapters in one FSDP unit, parameters cast to bf16 for compute."""
+    sections = {"model": {"dtype": "bf16"}, "train": {"train_steps": 4, "activation_checkpointing": "full"},
+                "checkpoint": {"every_steps": 0}}
+    ref = in_process(raw_config(data, tmp_path / "one", **sections))
+    launch(raw_config(data, tmp_path / "two", ranks=2, **sections), "bf16")
+    assert_losses_close(losses(tmp_path / "two"), ref.losses, BF16_RTOL)
+
+
+def test_hsdp_on_four_ranks(data, tmp_path):
+    """parallel.replicate_degree=2: a 2 x 2 mesh (replicate x shard), with activation checkpointing
+    inside each sharded block; 4 ranks x batch 1 against one process x batch 4."""
+    sections = {"train": {"train_steps": 4, "activation_checkpointing": "full"}, "checkpoint": {"every_steps": 0}}
+    ref = in_process(raw_config(data, tmp_path / "one", global_batch=4, **sections))
+    raw = raw_config(data, tmp_path / "four", ranks=4, global_batch=4, parallel={"replicate_degree": 2}, **sections)
+    launch(raw, "hsdp", nproc=4)
+    assert_losses_close(losses(tmp_path / "four"), ref.losses, FP32_RTOL)
+
+
+def test_full_finetune_under_fsdp(data, tmp_path):
+    """SFT: every weight (and its Adam state) sharded; the export is a whole diffusers transformer."""
+    from diffusers import CogVideoXTransformer3DModel
+
+    sections = {"model": {"training_type": "sft"}, "optim": {"name": "adam", "lr": 1e-4, "max_grad_norm": 1.0},
+                "train": {"train_steps": 3}, "checkpoint": {"every_steps": 0}}
+    ref = in_process(raw_config(data, tmp_path / "one", **sections))
+    launch(raw_config(data, tmp_path / "two", ranks=2, **sections), "sft")
+    assert_losses_close(losses(tmp_path / "two"), ref.losses, FP32_RTOL)
+    # Each rank wrote its own half of the weights and Adam state (replicated tensors would be
+    # written once, by rank 0): the optimizer state is sharded.
+    sizes = [f.stat().st_size for f in sorted((tmp_path / "two" / "checkpoint-3").glob("__*_0.distcp"))]
+    assert len(sizes) == 2 and min(sizes) > 0.4 * sum(sizes), sizes
+    one = CogVideoXTransformer3DModel.from_pretrained(tmp_path / "one" / "transformer")
+    two = CogVideoXTransformer3DModel.from_pretrained(tmp_path / "two" / "transformer")
+    base = CogVideoXTransformer3DModel.from_pretrained(data["model"], subfolder="transformer")
+    changed = 0
+    for (name, a), (_, b), (_, c) in zip(one.named_parameters(), two.named_parameters(), base.named_parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6, msg=name)
+        changed += not torch.equal(a, c)
+    assert changed > 10
+
+
+def child_with_rank(parent: int, rank: int) -> int | None:
+    """The pid of torchrun's worker `rank` (a direct child of the launcher), from /proc."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if ppid == parent and f"RANK={rank}".encode() in (entry / "environ").read_bytes().split(b"\0"):
+                return int(entry.name)
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue  # a process that ended while we looked
+    return None
+
+
+def signal_rank_1_after_checkpoint_2(raw: dict, sig: signal.Signals, log_path: Path, bound_s: float,
+                                     ) -> tuple[int, float]:
+    """Start a 2-rank job, wait (polling) until checkpoint-2 is whole, send `sig` to rank 1.
+
+    Returns torchrun's exit code and the seconds it took to exit after the signal. The job runs
+    in its own process group, removed whatever happens.
+    """
+    out = Path(raw["train"]["output_dir"])
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(torchrun_command(write_config(raw, out.name), 2), stdout=log,
+                                stderr=subprocess.STDOUT, env=env(), start_new_session=True)
+    try:
+        deadline = time.monotonic() + LAUNCH_TIMEOUT_S
+        while not (out / "checkpoint-2" / "COMPLETE").is_file():
+            assert time.monotonic() < deadline, "no checkpoint-2 in time"
+            with pytest.raises(subprocess.TimeoutExpired):  # the job must still be running
+                proc.wait(timeout=0.1)
+        victim = child_with_rank(proc.pid, 1)
+        assert victim is not None, "rank 1's process not found under the launcher"
+        os.kill(victim, sig)
+        sent = time.monotonic()
+        code = proc.wait(timeout=bound_s)
+        return code, time.monotonic() - sent
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # normally torchrun has ended them all already
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def assert_latest_checkpoint_resumes(data: dict[str, str], out: Path, one_rank: Path, tmp_path: Path) -> None:
+    """The newest complete checkpoint loads on one rank and continues with the uninterrupted run's losses."""
+    last, _ = list_checkpoints(out)[-1]
+    upto = last + 2
+    reference = losses(one_rank) if upto <= STEPS else in_process(
+        raw_config(data, tmp_path / "reference", train={"train_steps": upto})).losses
+    summary = in_process(raw_config(data, out, train={"train_steps": upto}, checkpoint={"resume_from": "latest"}))
+    assert summary.resumed_from == out / f"checkpoint-{last}"
+    assert_losses_close(summary.losses, reference[last:upto], FP32_RTOL)
+
+
+LINUX_PROC = pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds worker pids in /proc (Linux)")
+
+
+@LINUX_PROC
+def test_killed_rank_ends_the_job_and_the_last_checkpoint_loads(data, one_rank, tmp_path):
+    """SIGKILL on rank 1: torchrun sees its worker die, stops the other and exits non-zero."""
+    out = tmp_path / "killed"
+    raw = raw_config(data, out, ranks=2, train={"train_steps": 100_000}, checkpoint={"every_steps": 2, "limit": 2})
+    code, took = signal_rank_1_after_checkpoint_2(raw, signal.SIGKILL, tmp_path / "torchrun.log", bound_s=120)
+    print(f"torchrun exited with {code} {took:.1f} s after rank 1 was killed")
+    assert code != 0, (tmp_path / "torchrun.log").read_text()[-3000:]
+    assert_latest_checkpoint_resumes(data, out, one_rank, tmp_path)
+
+
+@LINUX_PROC
+def test_stuck_rank_ends_the_job_after_the_timeout(data, one_rank, tmp_path):
+    """SIGSTOP on rank 1 (alive, never answering): rank 0's next collective fails after
+    parallel.timeout_s, then torchrun stops the stuck one (its grace period is 30 s)."""
+    out = tmp_path / "stuck"
+    raw = raw_config(data, out, ranks=2, train={"train_steps": 100_000}, checkpoint={"every_steps": 2, "limit": 2},
+                     parallel={"timeout_s": 5})
+    code, took = signal_rank_1_after_checkpoint_2(raw, signal.SIGSTOP, tmp_path / "torchrun.log", bound_s=120)
+    print(f"torchrun exited with {code} {took:.1f} s after rank 1 was stopped")
+    assert code != 0
+    assert took >= 5  # it was the timeout, not something else, that ended it
+    assert "Timed out" in (tmp_path / "torchrun.log").read_text()
+    assert_latest_checkpoint_resumes(data, out, one_rank, tmp_path)
+
+
+# --------------------------------------------------------------------------------------------
+# Without torchrun: what the world size decides, and checkpoint format errors
+# --------------------------------------------------------------------------------------------
+
+
+def test_strategy_follows_the_world_size():
+    two, four = World(0, 2), World(0, 4)
+    assert resolve_strategy(ParallelConfig(), World()) == "none"
+    assert resolve_strategy(ParallelConfig(strategy="fsdp"), World()) == "none"
+    assert resolve_strategy(ParallelConfig(), two) == "fsdp"
+    assert resolve_strategy(ParallelConfig(strategy="ddp"), two) == "ddp"
+    assert resolve_strategy(ParallelConfig(replicate_degree=2), four) == "fsdp"
+    with pytest.raises(ConfigError, match="parallel.strategy=none"):
+        resolve_strategy(ParallelConfig(strategy="none"), two)
+    with pytest.raises(ConfigError, match="does not divide"):
+        resolve_strategy(ParallelConfig(replicate_degree=3), four)
+    with pytest.raises(ConfigError, match="needs parallel.strategy=fsdp"):
+        resolve_strategy(ParallelConfig(strategy="ddp", replicate_degree=2), four)
+
+
+def test_optimizers_that_cannot_step_shards_are_refused_under_fsdp():
+    from fastcog.config import OptimConfig
+
+    for name in ("came", "adamw8bit_bnb"):
+        with pytest.raises(ConfigError, match="parallel.strategy=ddp"):
+            check_optimizer(OptimConfig(name=name), "fsdp")
+        check_optimizer(OptimConfig(name=name), "ddp")
+    with pytest.raises(ConfigError, match="cpu_offload"):
+        check_optimizer(OptimConfig(cpu_offload=True), "fsdp")
+    check_optimizer(OptimConfig(name="adamw8bit"), "fsdp")
+
+
+class StateOnlyWhole(torch.optim.Optimizer):
+    """Shaped like torchao's CPUOffloadOptimizer: an Optimizer with no `state` of its own."""
+
+    def __init__(self, params) -> None:  # Optimizer.__init__ deliberately not called, as torchao does
+        self.inner = torch.optim.AdamW(params, lr=0.1)
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.inner.param_groups
+
+    def step(self, closure=None) -> None:
+        self.inner.step()
+
+    def state_dict(self) -> dict:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.inner.load_state_dict(state_dict)
+
+
+def test_an_optimizer_without_named_state_is_saved_whole(tmp_path):
+    from fastcog.checkpoint import Checkpointer, TrainState
+
+    def setup(seed: int):
+        torch.manual_seed(seed)
+        model = torch.nn.Linear(3, 2)
+        opt = StateOnlyWhole(model.parameters())
+        return model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5)
+
+    model, opt, sched = setup(0)
+    model(torch.randn(4, 3)).square().sum().backward()
+    opt.step()
+    sched.step()
+    Checkpointer(tmp_path, World()).save(TrainState(step=1), model, opt, sched)
+    model2, opt2, sched2 = setup(1)
+    assert load_checkpoint(tmp_path / "checkpoint-1", model2, opt2, sched2).step == 1
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters()))
+    want, got = opt.inner.state_dict()["state"], opt2.inner.state_dict()["state"]
+    assert want.keys() == got.keys() and all(torch.equal(want[k]["exp_avg"], got[k]["exp_avg"]) for k in want)
+
+
+def test_a_folder_without_dcp_metadata_is_refused(tmp_path):
+    (tmp_path / "trainable.safetensors").write_bytes(b"")
+    with pytest.raises(FastcogError, match="not a torch.distributed.checkpoint folder"):
+        load_checkpoint(tmp_path, torch.nn.Linear(2, 2), None, None)
+    with pytest.raises(FastcogError, match="not a torch.distributed.checkpoint folder"):
+        read_trainable(tmp_path)
