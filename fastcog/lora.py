@@ -81,13 +81,18 @@ def lora_adapter_metadata(cfg: LoraConfig) -> dict[str, Any]:
     }
 
 
-def export_lora(transformer: torch.nn.Module, cfg: LoraConfig, out_dir: Path, is_i2v: bool) -> Path:
-    """Write `out_dir/pytorch_lora_weights.safetensors` in diffusers format, alpha in metadata."""
+def export_lora(transformer: torch.nn.Module, cfg: LoraConfig, out_dir: Path, is_i2v: bool,
+                state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write `out_dir/pytorch_lora_weights.safetensors` in diffusers format, alpha in metadata.
+
+    state_dict: full tensors to export instead of the module's own (under FSDP the module
+    holds shards; the trainer gathers them to rank 0 first).
+    """
     from diffusers import CogVideoXImageToVideoPipeline, CogVideoXPipeline
     from peft.utils import get_peft_model_state_dict
 
     pipe_cls = CogVideoXImageToVideoPipeline if is_i2v else CogVideoXPipeline
-    layers = get_peft_model_state_dict(transformer, adapter_name=ADAPTER_NAME)
+    layers = get_peft_model_state_dict(transformer, state_dict=state_dict, adapter_name=ADAPTER_NAME)
     layers = {k: v.detach().float().cpu().contiguous() for k, v in layers.items()}
     out_dir.mkdir(parents=True, exist_ok=True)
     pipe_cls.save_lora_weights(

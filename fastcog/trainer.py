@@ -29,7 +29,8 @@ from fastcog.data.cache import CachedDataset, Encoder
 from fastcog.data.listfile import Sample, read_dataset
 from fastcog.data.prepare import cache_dir_for, prepare
 from fastcog.errors import ConfigError, FastcogError
-from fastcog.lora import ADAPTER_NAME, LORA_WEIGHTS_NAME, export_lora, inject_lora, lora_adapter_metadata
+from fastcog.fast import check_fast_path
+from fastcog.lora import LORA_WEIGHTS_NAME, export_lora, inject_lora
 from fastcog.metrics import (
     MetricsWriter,
     host_peak_rss_gb,
@@ -39,7 +40,7 @@ from fastcog.metrics import (
 )
 from fastcog.models import TORCH_DTYPES, load_components, read_variant
 from fastcog.objective import ReferenceObjective, make_objective
-from fastcog.optim import build_optimizer
+from fastcog.optim import build_optimizer, check_optimizer_available
 from fastcog.parallel import (
     SINGLE_PROCESS,
     Parallel,
@@ -377,9 +378,11 @@ def train(cfg: Config) -> RunSummary:
     world = init_distributed(cfg.parallel.timeout_s)
     strategy = resolve_strategy(cfg.parallel, world)
     check_optimizer(cfg.optim, strategy)
+    check_optimizer_available(cfg)
+    device = device_for(world)
+    check_fast_path(cfg, device)
     variant, samples = check_inputs(cfg, world)
     out, resume_path = prepare_output_dir(cfg, world)
-    device = device_for(world)
     seed_everything(cfg.train.seed)
 
     dataset = prepare_dataset(cfg, samples, variant, device, world)
@@ -493,7 +496,7 @@ def export_weights(cfg: Config, par: Parallel, out: Path, variant: VariantSpec) 
         if sft:
             save_transformer(par.module, path, full)
         else:
-            save_lora(par.module, cfg, path.parent, variant.is_i2v, full)
+            export_lora(par.module, cfg.lora, path.parent, variant.is_i2v, state_dict=full)
     barrier()
     return path
 
@@ -504,26 +507,6 @@ def gather_full_state(module: torch.nn.Module, trainable_only: bool) -> dict[str
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
     return get_model_state_dict(module, options=options)
-
-
-def save_lora(transformer: torch.nn.Module, cfg: Config, out_dir: Path, is_i2v: bool,
-              full: dict[str, torch.Tensor] | None) -> Path:
-    """Export the adapters; `full`: gathered tensors to export instead of the module's own."""
-    if full is None:
-        return export_lora(transformer, cfg.lora, out_dir, is_i2v)
-    # The same file as export_lora writes from a whole module: peft picks and renames the
-    # adapter tensors from the given state dict, diffusers writes them with the alpha metadata.
-    from diffusers import CogVideoXImageToVideoPipeline, CogVideoXPipeline
-    from peft.utils import get_peft_model_state_dict
-
-    layers = get_peft_model_state_dict(transformer, state_dict=full, adapter_name=ADAPTER_NAME)
-    layers = {k: v.detach().float().cpu().contiguous() for k, v in layers.items()}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (CogVideoXImageToVideoPipeline if is_i2v else CogVideoXPipeline).save_lora_weights(
-        out_dir, transformer_lora_layers=layers, weight_name=LORA_WEIGHTS_NAME,
-        transformer_lora_adapter_metadata=lora_adapter_metadata(cfg.lora),
-    )
-    return out_dir / LORA_WEIGHTS_NAME
 
 
 def save_transformer(transformer: torch.nn.Module, path: Path, full: dict[str, torch.Tensor] | None) -> None:

@@ -191,3 +191,17 @@ def test_each_attention_backend_matches_diffusers(model_path):
         got = model.transformer_blocks[0](**inputs)
         for a, b in zip(want, got):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_switch_that_cannot_run_fails_before_the_output_dir_is_touched(model_path, tmp_path, monkeypatch):
+    import fastcog.kernels._common as common
+    from fastcog.trainer import train
+
+    monkeypatch.setattr(common, "INTERPRET", False)
+    out = tmp_path / "run"
+    cfg = make_cfg(model_path, {"fused_loss": True}, "none",
+                   data={"data_root": str(tmp_path / "clips"), "num_frames": 9, "height": 64, "width": 96},
+                   train={"output_dir": str(out), "activation_checkpointing": "none"})
+    with pytest.raises(ConfigError, match="fast.fused_loss"):
+        train(cfg)
+    assert not out.exists() and not (tmp_path / "clips").exists()
