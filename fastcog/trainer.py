@@ -202,14 +202,14 @@ def micro_batches(dataset: CachedDataset, cfg: Config, state: TrainState, device
 # --------------------------------------------------------------------------------------------
 
 
-def build_transformer(cfg: Config, device: torch.device, tokens_per_sample: int, *, verbose: bool = True,
-                      ) -> tuple[torch.nn.Module, list[torch.nn.Parameter]]:
+def build_transformer(cfg: Config, device: torch.device, tokens_per_sample: int, *, shards: int = 1,
+                      verbose: bool = True) -> tuple[torch.nn.Module, list[torch.nn.Parameter]]:
     """Frozen weights in the compute dtype (SFT: fp32 master weights), adapters in fp32, then
     the fast path (kernels, attention, FP8, activation checkpointing, compile) as configured.
 
     tokens_per_sample: the largest video token count of any bucket (sizes the checkpointing
-    policy for `auto`). Under FSDP, call parallelize() next and take the parameters again:
-    fully_shard replaces them.
+    policy for `auto`); shards: ranks FSDP will shard the weights over. Under FSDP, call
+    parallelize() next and take the parameters again: fully_shard replaces them.
     """
     from fastcog.fast import apply_fast_path
 
@@ -222,7 +222,7 @@ def build_transformer(cfg: Config, device: torch.device, tokens_per_sample: int,
     else:
         params = inject_lora(transformer, cfg.lora)
     transformer.to(device).train()
-    apply_fast_path(transformer, cfg, device, tokens_per_sample=tokens_per_sample, verbose=verbose)
+    apply_fast_path(transformer, cfg, device, tokens_per_sample=tokens_per_sample, shards=shards, verbose=verbose)
     return transformer, params
 
 
@@ -349,7 +349,8 @@ def build_parallel_model(cfg: Config, strategy: str, world: World, device: torch
     so they must agree.
     """
     seed_everything(cfg.train.seed)
-    transformer, _ = build_transformer(cfg, device, tokens_per_sample, verbose=world.is_main)
+    shards = world.world_size // cfg.parallel.replicate_degree if strategy == "fsdp" else 1
+    transformer, _ = build_transformer(cfg, device, tokens_per_sample, shards=shards, verbose=world.is_main)
     par = parallelize(transformer, cfg.parallel, strategy, world, device, cfg.model.dtype)
     # fully_shard swapped every parameter for a DTensor shard: take them again.
     return par, [p for p in transformer.parameters() if p.requires_grad]

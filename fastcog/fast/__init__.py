@@ -70,8 +70,12 @@ def check_fast_path(cfg: Config, device: torch.device) -> None:
 
 
 def apply_fast_path(transformer: torch.nn.Module, cfg: Config, device: torch.device, *, tokens_per_sample: int,
-                    verbose: bool = True) -> FastReport:
-    """Patch `transformer` (LoRA already injected, already on `device`) as cfg says."""
+                    shards: int = 1, verbose: bool = True) -> FastReport:
+    """Patch `transformer` (LoRA already injected, already on `device`) as cfg says.
+
+    shards: how many ranks FSDP will shard the weights and optimizer state over afterwards
+    (1 without FSDP); `auto` checkpointing counts only this rank's share of them.
+    """
     f, report = cfg.fast, FastReport()
     check_fast_path(cfg, device)
 
@@ -100,7 +104,8 @@ def apply_fast_path(transformer: torch.nn.Module, cfg: Config, device: torch.dev
         report.attention_backend = choice.backend
         report.lines.append(f"attention: {choice.backend} ({choice.reason})")
 
-    report.activation_checkpointing = _apply_checkpointing(transformer, cfg, device, tokens_per_sample, report)
+    report.activation_checkpointing = _apply_checkpointing(transformer, cfg, device, tokens_per_sample, shards,
+                                                           report)
 
     if f.compile:
         for block in transformer.transformer_blocks:
@@ -115,7 +120,7 @@ def apply_fast_path(transformer: torch.nn.Module, cfg: Config, device: torch.dev
 
 
 def _apply_checkpointing(transformer: torch.nn.Module, cfg: Config, device: torch.device, tokens_per_sample: int,
-                         report: FastReport) -> str:
+                         shards: int, report: FastReport) -> str:
     from fastcog.fast import checkpointing as ac
 
     policy = cfg.train.activation_checkpointing
@@ -129,14 +134,16 @@ def _apply_checkpointing(transformer: torch.nn.Module, cfg: Config, device: torc
         trainable = [p for p in transformer.parameters() if p.requires_grad]
         margin = int(cfg.fast.memory_margin_gb * 2**30)
         free, where = ac.device_memory_budget(device, margin)
-        budget = free - ac.optimizer_bytes(trainable, cfg.optim.name)
+        # The weights are on the device whole now; after fully_shard this rank keeps 1/shards.
+        weights = sum(t.nbytes for t in [*transformer.parameters(), *transformer.buffers()] if t.device == device)
+        budget = free + weights * (shards - 1) // shards - ac.optimizer_bytes(trainable, cfg.optim.name) // shards
         policy = ac.choose_policy(estimate, budget)
         gib = 2**30
         report.lines.append(
             f"activation checkpointing: auto chose {policy}; estimated peak activations "
             + ", ".join(f"{p} {estimate.peak(p) / gib:.2f} GiB" for p in ac.POLICIES)
             + f"; budget {budget / gib:.2f} GiB ({where}, margin {cfg.fast.memory_margin_gb} GiB, "
-            f"{tokens_per_sample} tokens x batch {cfg.train.batch_size})"
+            f"{tokens_per_sample} tokens x batch {cfg.train.batch_size}, weights over {shards} shard(s))"
         )
     else:
         report.lines.append(f"activation checkpointing: {policy}")
