@@ -9,9 +9,12 @@ Tolerances (fp32 everywhere, so the paths differ only by summation order):
 * per-step loss: 2e-6 relative. Measured: at most 1.1e-7 on the first step (identical weights,
   kernels vs cuBLAS-style CPU GEMMs and a float64 vs fp32 loss) growing to ~3e-7 by step 20
   as the optimizer carries the differences forward.
-* final LoRA weights: max |a - b| <= 1e-5 * max |a|. Measured: about 1e-6.
-`test_parity_check_detects_a_different_run` shows both fail for a run whose LoRA alpha
-differs by 1%.
+* per-step pre-clip gradient norm: 2e-5 relative. Measured: about 1e-7.
+* final LoRA weights: max |a - b| <= 1e-4 * max |a|. Measured: about 1e-6 eager and compiled
+  in a fresh process, 1.6e-5 for the compiled cases inside the full suite (inductor's fp32
+  kernels sum in another order after other tests have compiled in the same process).
+`test_parity_check_detects_a_different_run` shows the gradient norm and LoRA checks fail for a
+run whose LoRA alpha differs by 1% (measured: gradient norm 1e-2, LoRA 1.4e-3 relative).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from tests.test_trainer import make_cfg, read_metrics
 STEPS = 20
 LOSS_RTOL = 2e-6
 GRAD_NORM_RTOL = 2e-5
-LORA_RTOL = 1e-5
+LORA_RTOL = 1e-4
 KERNELS = {"lora_kernel": True, "fused_loss": True, "attention": "sdpa"}
 # Every variant runs the kernels (interpreted: about 0.5 s a step, the cost of this file).
 # Checkpointing policies and compile do not depend on the variant; they run on the one with

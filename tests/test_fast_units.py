@@ -195,6 +195,7 @@ def test_each_attention_backend_matches_diffusers(model_path):
 
 def test_a_switch_that_cannot_run_fails_before_the_output_dir_is_touched(model_path, tmp_path, monkeypatch):
     import fastcog.kernels._common as common
+
     from fastcog.trainer import train
 
     monkeypatch.setattr(common, "INTERPRET", False)
