@@ -463,20 +463,14 @@ def train(cfg: Config) -> RunSummary:
 def run_validation(cfg: Config, comps: Any, par: Parallel, out: Path, step: int, metrics: MetricsWriter | None,
                    ) -> None:
     """Render the validation prompts. Under FSDP every forward is collective, so every rank
-    renders (the same videos: same weights, same seeds); rank 0's are kept, the others' go to a
-    temporary folder."""
-    import tempfile
-
+    renders (the same videos: same weights, same seeds); only rank 0 writes them."""
     from fastcog.validation import render_validation
 
     module = par.module  # never the DDP wrapper: inference needs no gradient sync
-    if par.world.is_main:
-        for path in render_validation(cfg, comps, module, out, step, par.device):
-            if metrics is not None:
-                metrics.log_video(f"validation/{path.stem}", path, step)
-        return
-    with tempfile.TemporaryDirectory(prefix="fastcog-validation-") as scratch:
-        render_validation(cfg, comps, module, Path(scratch), step, par.device)
+    written = render_validation(cfg, comps, module, out, step, par.device, write=par.world.is_main)
+    if metrics is not None:
+        for path in written:
+            metrics.log_video(f"validation/{path.stem}", path, step)
 
 
 # --------------------------------------------------------------------------------------------

@@ -21,8 +21,12 @@ from fastcog.data.video import load_image
 
 @torch.no_grad()
 def render_validation(cfg: Config, comps: Any, transformer: torch.nn.Module, out: Path, step: int,
-                      device: torch.device) -> list[Path]:
-    """Render every validation prompt; returns the written mp4 paths."""
+                      device: torch.device, write: bool = True) -> list[Path]:
+    """Render every validation prompt; returns the written mp4 paths.
+
+    write=False renders without writing (under FSDP every rank must run the forwards, and
+    only rank 0 keeps the videos).
+    """
     from diffusers import CogVideoXImageToVideoPipeline, CogVideoXPipeline
 
     v, d = cfg.validation, cfg.data
@@ -35,7 +39,8 @@ def render_validation(cfg: Config, comps: Any, transformer: torch.nn.Module, out
     transformer.eval()
     written = []
     folder = out / "validation"
-    folder.mkdir(parents=True, exist_ok=True)
+    if write:
+        folder.mkdir(parents=True, exist_ok=True)
     dtype = next(p for p in transformer.parameters() if not p.requires_grad).dtype
     try:
         for i, prompt in enumerate(v.prompts):
@@ -55,6 +60,8 @@ def render_validation(cfg: Config, comps: Any, transformer: torch.nn.Module, out
                     generator=torch.Generator(device="cpu").manual_seed(v.seed + i), output_type="np",
                     max_sequence_length=comps.variant.max_text_seq_length, **kwargs,
                 ).frames[0]
+            if not write:
+                continue
             path = folder / f"step-{step:06d}-prompt-{i}.mp4"
             write_video(path, (np.clip(frames, 0, 1) * 255).round().astype(np.uint8), fps=v.fps)
             written.append(path)

@@ -188,6 +188,25 @@ def test_validation_videos_are_written(tiny_checkpoint, clips, tmp_path):
     assert frames.shape == (9, 3, 64, 96)
 
 
+def test_validation_without_write_renders_but_writes_nothing(tiny_checkpoint, clips, tmp_path, monkeypatch):
+    """What ranks other than 0 do under FSDP: the pipeline runs (its forwards are collective
+    there), nothing is written."""
+    import fastcog.validation as validation
+    from fastcog.models import load_components
+
+    path = tiny_checkpoint("cogvideox-5b")
+    cfg = make_cfg(path, clips, tmp_path / "val",
+                   validation={"every_steps": 2, "prompts": ["a red square"], "num_inference_steps": 1})
+    comps = load_components(path, "fp32")
+    calls = []
+    monkeypatch.setattr(validation, "write_video", lambda *a, **k: calls.append(a))
+    forwards = []
+    comps.transformer.register_forward_hook(lambda *a: forwards.append(1))
+    assert validation.render_validation(cfg, comps, comps.transformer, tmp_path / "val", 2, torch.device("cpu"),
+                                        write=False) == []
+    assert forwards and not calls and not (tmp_path / "val").exists()
+
+
 @pytest.mark.parametrize("schedule", ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
                                       "constant_with_warmup", "piecewise_constant"])
 def test_every_lr_schedule_builds_and_warms_up(schedule):
