@@ -138,14 +138,20 @@ def _apply_checkpointing(transformer: torch.nn.Module, cfg: Config, device: torc
         weights = sum(t.nbytes for t in [*transformer.parameters(), *transformer.buffers()] if t.device == device)
         budget = free + weights * (shards - 1) // shards - ac.optimizer_bytes(trainable, cfg.optim.name) // shards
         policy = ac.choose_policy(estimate, budget)
-        gib = 2**30
         report.lines.append(
             f"activation checkpointing: auto chose {policy}; estimated peak activations "
-            + ", ".join(f"{p} {estimate.peak(p) / gib:.2f} GiB" for p in ac.POLICIES)
-            + f"; budget {budget / gib:.2f} GiB ({where}, margin {cfg.fast.memory_margin_gb} GiB, "
+            + ", ".join(f"{p} {_size(estimate.peak(p))}" for p in ac.POLICIES)
+            + f"; budget {_size(budget)} ({where}, margin {cfg.fast.memory_margin_gb} GiB, "
             f"{tokens_per_sample} tokens x batch {cfg.train.batch_size}, weights over {shards} shard(s))"
         )
     else:
         report.lines.append(f"activation checkpointing: {policy}")
     ac.apply_checkpointing(transformer, policy)
     return policy
+
+
+def _size(nbytes: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(nbytes) >= scale:
+            return f"{nbytes / scale:.2f} {unit}"
+    return f"{nbytes} B"
