@@ -1,0 +1,314 @@
+"""The paths: the plan (reference, fastcog, one ablation row per switch), building one path's
+model, optimizer and objective, the training step every path runs, and running a path into a
+PathResult."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import math
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from .config import PARAMETER_FIELDS, reference_config
+from .models import quiet_to
+
+if TYPE_CHECKING:
+    import torch
+
+    from fastcog.config import Config
+
+    from .models import Bench
+
+LORA_B_INIT_RATIO = 0.1
+"""--lora-b-init random: B ~ N(0, s^2) with s = ratio / (scale * sqrt(r)). With peft's A (kaiming
+uniform, std 1/sqrt(3 in)) and a base weight of the same init, the adapter output is then about
+`ratio` times the base linear's output: large enough that a wrong LoRA scale moves the loss."""
+
+
+# --------------------------------------------------------------------------------------------
+# Paths
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PathSpec:
+    name: str
+    role: str
+    """reference | fastcog | ablation"""
+    switches: tuple[str, ...]
+    """What differs from the reference path, as section.key=value."""
+    cfg: Config
+    frozen_dtype: str
+    """Storage dtype of the frozen base weights (the reference: fp32)."""
+    steps: int
+
+
+def switch_list(ref: Config, cfg: Config, frozen_dtype: str) -> list[tuple[str, dict[str, dict[str, Any]]]]:
+    """(label, {section: {key: value}}) for each switch `cfg` turns on relative to `ref`."""
+    out: list[tuple[str, dict[str, dict[str, Any]]]] = []
+    if frozen_dtype != "fp32":
+        out.append((f"frozen weights stored in {frozen_dtype}", {}))
+    for f in dataclasses.fields(cfg.fast):
+        value = getattr(cfg.fast, f.name)
+        if f.name not in PARAMETER_FIELDS and value != getattr(ref.fast, f.name):
+            out.append((f"fast.{f.name}={_yaml_value(value)}", {"fast": {f.name: value}}))
+    ac = cfg.train.activation_checkpointing
+    if ac != ref.train.activation_checkpointing:
+        change: dict[str, dict[str, Any]] = {"train": {"activation_checkpointing": ac}}
+        label = f"train.activation_checkpointing={ac}"
+        if ac == "selective" and ref.fast.attention == "reference":
+            # selective keeps fastcog's attention outputs: it cannot run without fastcog's processor.
+            change["fast"] = {"attention": cfg.fast.attention}
+            label += f" + fast.attention={cfg.fast.attention}"
+        out.append((label, change))
+    for key in ("name", "fused", "cpu_offload"):
+        value = getattr(cfg.optim, key)
+        if value != getattr(ref.optim, key):
+            out.append((f"optim.{key}={_yaml_value(value)}", {"optim": {key: value}}))
+    return out
+
+
+def _yaml_value(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def plan_paths(cfg: Config, fast_cfg: Config, args: argparse.Namespace, steps: int) -> list[PathSpec]:
+    ref = reference_config(cfg)
+    fast_dtype = fast_cfg.model.dtype
+    paths = [PathSpec("reference", "reference", (), ref, "fp32", steps)]
+    switches = switch_list(ref, fast_cfg, fast_dtype)
+    extra = [f"(fast-only) {s}" for s in args.fast_only_set]
+    paths.append(PathSpec("fastcog", "fastcog", tuple([s for s, _ in switches] + extra), fast_cfg, fast_dtype,
+                          steps))
+    if args.ablation:
+        for label, change in switches:
+            row_cfg = ref
+            for section, values in change.items():
+                row_cfg = dataclasses.replace(row_cfg, **{
+                    section: dataclasses.replace(getattr(row_cfg, section), **values)})
+            dtype = fast_dtype if not change else "fp32"  # the storage row is the one with no config change
+            paths.append(PathSpec(f"+ {label}", "ablation", (label,), row_cfg, dtype,
+                                  args.ablation_steps or steps))
+    return paths
+
+
+# --------------------------------------------------------------------------------------------
+# Building and running one path
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PathResult:
+    spec: PathSpec
+    status: str = "not run"
+    error_trace: str | None = None
+    build_s: float | None = None
+    warmup_times: list[float] = field(default_factory=list)
+    step_times: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    grad_norms: list[float] = field(default_factory=list)
+    lrs: list[float] = field(default_factory=list)
+    peak_allocated_gb: float | None = None
+    peak_reserved_gb: float | None = None
+    patch_report: dict[str, Any] = field(default_factory=dict)
+    final_lora: dict[str, torch.Tensor] | None = None
+    lora_divergence: dict[str, float | None] | None = None
+    """Final adapters against the reference's (see lora_divergence); set once both have run."""
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+def make_transformer(bench: Bench, dtype: str) -> torch.nn.Module:
+    """The same base weights for every path: one seeded initialisation on the device, in fp32, cast
+    to the path's storage dtype (what loading an fp32 checkpoint with that torch_dtype gives)."""
+    import torch
+    from diffusers import CogVideoXTransformer3DModel
+
+    from fastcog.models import TORCH_DTYPES
+
+    if bench.checkpoint is not None:
+        sub = {"subfolder": "transformer"} if (bench.checkpoint / "transformer").is_dir() else {}
+        model = CogVideoXTransformer3DModel.from_pretrained(bench.checkpoint, torch_dtype=TORCH_DTYPES[dtype], **sub)
+        return model.to(bench.device)
+    torch.manual_seed(bench.seed)
+    with torch.device(bench.device):  # initialise where it runs: a 5B init on the host takes minutes
+        model = CogVideoXTransformer3DModel(**bench.transformer_config)
+    return quiet_to(model, dtype=TORCH_DTYPES[dtype])
+
+
+def lora_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().float().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def randomize_lora_b(model: torch.nn.Module, rank: int, alpha: float, seed: int) -> None:
+    """B ~ N(0, s^2), seeded on the host so every device draws the same values (see LORA_B_INIT_RATIO)."""
+    import torch
+
+    std = LORA_B_INIT_RATIO / ((alpha / rank) * math.sqrt(rank))
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad and "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def build_path(spec: PathSpec, bench: Bench) -> tuple[Any, ...]:
+    """(model, params, objective, optimizer, lr_scheduler, grad_scaler, patch report) for one path."""
+    import torch
+
+    from fastcog.lora import inject_lora, load_trainable_state_dict
+
+    cfg = spec.cfg
+    model = make_transformer(bench, spec.frozen_dtype)
+    params = inject_lora(model, cfg.lora)
+    if bench.init_lora is None:  # the first path (the reference) fixes the adapters' start
+        if bench.lora_b_init == "random":
+            randomize_lora_b(model, cfg.lora.rank, cfg.lora.alpha, bench.seed)
+        bench.init_lora = lora_state(model)
+    load_trainable_state_dict(model, bench.init_lora)
+    model.to(bench.device).train()
+    if spec.role == "reference":
+        objective, optimizer, lr_scheduler, report = build_reference(model, params, cfg, bench)
+    else:
+        objective, optimizer, lr_scheduler, report = build_fastcog(model, params, cfg, bench)
+    scaler = torch.amp.GradScaler(bench.device.type) if cfg.model.dtype == "fp16" else None
+    return model, params, objective, optimizer, lr_scheduler, scaler, report
+
+
+def build_reference(model: Any, params: list, cfg: Config, bench: Bench) -> tuple[Any, Any, Any, dict]:
+    """The reference trainer's setup, written out here so no fastcog fast-path code is involved."""
+    import torch
+    from diffusers.optimization import get_scheduler
+
+    from fastcog.objective import ReferenceObjective
+
+    model.enable_gradient_checkpointing()
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+    lr_scheduler = get_scheduler(o.lr_scheduler, optimizer, step_rules=o.lr_step_rules,
+                                 num_warmup_steps=o.lr_warmup_steps, num_training_steps=bench.total_steps,
+                                 num_cycles=o.lr_num_cycles, power=o.lr_power)
+    objective = ReferenceObjective(bench.variant, bench.scheduler, bench.vae, cfg.model.i2v_image_scale)
+    processors = {type(p).__name__ for p in model.attn_processors.values()}
+    report = {"attention_backend": f"diffusers {', '.join(sorted(processors))} (SDPA, torch's choice)",
+              "activation_checkpointing": "full (diffusers enable_gradient_checkpointing, every block)",
+              "frozen_weights": f"fp32 under {cfg.model.dtype} autocast", "optimizer": "torch.optim.AdamW",
+              "objective": "fastcog.objective.ReferenceObjective"}
+    return objective, optimizer, lr_scheduler, report
+
+
+def build_fastcog(model: Any, params: list, cfg: Config, bench: Bench) -> tuple[Any, Any, Any, dict]:
+    from fastcog.fast import apply_fast_path
+    from fastcog.objective import make_objective
+    from fastcog.optim import build_optimizer
+
+    fast_report = apply_fast_path(model, cfg, bench.device, tokens_per_sample=bench.video_tokens, verbose=False)
+    objective = make_objective(cfg, bench.variant, bench.scheduler, bench.vae)
+    optimizer, lr_scheduler = build_optimizer(cfg, params, bench.total_steps)
+    report = dataclasses.asdict(fast_report) if dataclasses.is_dataclass(fast_report) else {"report": str(fast_report)}
+    for key, value in list(report.items()):  # lists of module names: the count is what a reader needs
+        if key != "lines" and isinstance(value, list):
+            report[key] = len(value)
+    report.update(objective=type(objective).__name__, optimizer=type(optimizer).__name__)
+    return objective, optimizer, lr_scheduler, report
+
+
+def train_step(model: Any, params: list, objective: Any, optimizer: Any, lr_scheduler: Any, scaler: Any,
+               batch: dict, cfg: Config, device: torch.device) -> tuple[float, float]:
+    """The one step every path runs: forward (autocast), backward, clip, optimizer, LR, zero_grad."""
+    import torch
+
+    from fastcog.trainer import autocast
+
+    with autocast(device, cfg.model.dtype):
+        loss = objective(model, batch)
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    lr_scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(loss.detach()), float(grad_norm)
+
+
+def sync(device: torch.device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _run_path(spec: PathSpec, bench: Bench, res: PathResult) -> None:
+    import torch
+
+    t0 = time.perf_counter()
+    model, params, objective, optimizer, lr_scheduler, scaler, res.patch_report = build_path(spec, bench)
+    res.build_s = time.perf_counter() - t0
+    for line in res.patch_report.get("lines", []):
+        print(f"[{spec.name}] {line}", file=sys.stderr, flush=True)
+    if bench.device.type == "cuda":  # the training peak, resident weights included; build transients not
+        sync(bench.device)
+        torch.cuda.reset_peak_memory_stats(bench.device)
+    for k in range(bench.warmup + spec.steps):
+        batch = {name: t.to(bench.device) for name, t in bench.batches[k].items()}
+        torch.manual_seed(bench.seed + k)  # the same timesteps and noise at step k in every path
+        res.lrs.append(float(lr_scheduler.get_last_lr()[0]))
+        sync(bench.device)
+        start = time.perf_counter()
+        loss, grad_norm = train_step(model, params, objective, optimizer, lr_scheduler, scaler, batch, spec.cfg,
+                                     bench.device)
+        sync(bench.device)
+        (res.warmup_times if k < bench.warmup else res.step_times).append(time.perf_counter() - start)
+        res.losses.append(loss)
+        res.grad_norms.append(grad_norm)
+    if bench.device.type == "cuda":
+        res.peak_allocated_gb = torch.cuda.max_memory_allocated(bench.device) / 1e9
+        res.peak_reserved_gb = torch.cuda.max_memory_reserved(bench.device) / 1e9
+    res.final_lora = lora_state(model)
+    res.status = "ok"
+
+
+def run_path(spec: PathSpec, bench: Bench) -> PathResult:
+    """Run one path; an exception becomes the row's status, so one broken switch still leaves a table."""
+    res = PathResult(spec)
+    print(f"[{spec.name}] building and running {bench.warmup} warm-up + {spec.steps} steps", file=sys.stderr,
+          flush=True)
+    try:
+        _run_path(spec, bench, res)
+    except Exception as err:  # noqa: BLE001 - recorded in the results, the run goes on
+        first = (str(err).strip().splitlines() or [""])[0]
+        res.status = f"failed: {type(err).__name__}: {first}"[:400]
+        res.error_trace = traceback.format_exc()[-4000:]
+        print(f"[{spec.name}] {res.status}", file=sys.stderr, flush=True)
+    release_memory(bench.device)
+    return res
+
+
+def release_memory(device: torch.device) -> None:
+    """Free the previous path's model, optimizer state and compiled graphs before the next path."""
+    import torch
+
+    gc.collect()
+    try:
+        torch._dynamo.reset()  # compiled code holds references to the compiled modules
+    except Exception:  # noqa: BLE001 - nothing was compiled, or dynamo is unavailable
+        pass
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
