@@ -69,7 +69,8 @@ def raw_base_config(args: argparse.Namespace, device: torch.device, variant: str
     if args.config is not None:
         return yaml.safe_load(args.config.read_text()) or {}, str(args.config)
     if device.type == "cpu":
-        return json.loads(json.dumps(CPU_TINY_CONFIG)), "built-in CPU setting (bench/throughput_lib/config.py CPU_TINY_CONFIG)"
+        source = "built-in CPU setting (bench/throughput_lib/config.py CPU_TINY_CONFIG)"
+        return json.loads(json.dumps(CPU_TINY_CONFIG)), source
     recipe = REPO / "configs" / RECIPES[variant]
     raw = yaml.safe_load(recipe.read_text()) or {}
     (raw.get("model") or {}).pop("variant", None)  # a default recipe lends its settings, not its variant
