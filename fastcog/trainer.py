@@ -305,10 +305,21 @@ def train_step(objective: ReferenceObjective, par: Parallel, params: list, batch
         count(batch, work)
         with par.grad_sync(is_last=i == accumulation - 1):
             losses.append(forward_backward(objective, par.forward_module, batch, cfg, par.device, grad_scaler))
+    grad_norm = optimizer_update(optimizer, lr_scheduler, grad_scaler, cfg.optim.max_grad_norm,
+                                 lambda max_norm: par.clip_grad_norm(params, max_norm))
+    return par.mean_over_ranks(sum(losses) / len(losses)), grad_norm, work
+
+
+def optimizer_update(optimizer: Any, lr_scheduler: Any, grad_scaler: Any, max_grad_norm: float,
+                     clip: Callable[[float], float]) -> float:
+    """After backward: unscale (fp16), clip, step, advance the schedule, zero the gradients.
+
+    clip(max_norm) clips and returns the pre-clip global norm; max_grad_norm <= 0 means no
+    clipping (the norm is still measured and returned).
+    """
     if grad_scaler is not None:
         grad_scaler.unscale_(optimizer)
-    max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else float("inf")
-    grad_norm = par.clip_grad_norm(params, max_norm)
+    grad_norm = clip(max_grad_norm if max_grad_norm > 0 else float("inf"))
     if grad_scaler is not None:
         grad_scaler.step(optimizer)
         grad_scaler.update()
@@ -316,7 +327,7 @@ def train_step(objective: ReferenceObjective, par: Parallel, params: list, batch
         optimizer.step()
     lr_scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return par.mean_over_ranks(sum(losses) / len(losses)), grad_norm, work
+    return grad_norm
 
 
 def total_steps(cfg: Config, batches_per_epoch: int) -> int:

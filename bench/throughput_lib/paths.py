@@ -227,23 +227,14 @@ def train_step(model: Any, params: list, objective: Any, optimizer: Any, lr_sche
     """The one step every path runs: forward (autocast), backward, clip, optimizer, LR, zero_grad."""
     import torch
 
-    from fastcog.trainer import autocast
+    from fastcog.trainer import autocast, optimizer_update
 
     with autocast(device, cfg.model.dtype):
         loss = objective(model, batch)
     (scaler.scale(loss) if scaler is not None else loss).backward()
-    if scaler is not None:
-        scaler.unscale_(optimizer)
-    max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    if scaler is not None:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
-    lr_scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return float(loss.detach()), float(grad_norm)
+    grad_norm = optimizer_update(optimizer, lr_scheduler, scaler, cfg.optim.max_grad_norm,
+                                 lambda max_norm: float(torch.nn.utils.clip_grad_norm_(params, max_norm)))
+    return float(loss.detach()), grad_norm
 
 
 def sync(device: torch.device) -> None:
