@@ -8,6 +8,8 @@
 #   tests    pytest -m gpu tests/kernels: the kernel parity suite natively at real shapes
 #   gputests pytest -m gpu tests: every GPU-marked test (kernels included)
 #   kernels  bench/kernels.py: fused kernels vs eager vs torch.compile
+#   sweep    bench/kernel_sweep.py: block-size sweep of the fused LoRA GEMM (16 candidates x every
+#            launch of 3 shapes; prints the recommended _CONFIGS for kernels/lora_linear.py)
 #   2b | 5b  bench/throughput.py, cogvideox-2b / cogvideox-5b, LoRA r=128, 49x480x720, batch 1, with
 #            the ablation (reference path, fastcog path, each switch alone)
 #   i2v | 1.5  the same for cogvideox-5b-i2v (49x480x720) / cogvideox1.5-5b (81x768x1360)
@@ -125,11 +127,12 @@ main() {
       tests) run_stage tests "$RESULTS/pytest_gpu_kernels.log" "$PY" -m pytest -m gpu tests/kernels -q -rs ;;
       gputests) run_stage gputests "$RESULTS/pytest_gpu_all.log" "$PY" -m pytest -m gpu tests -q -rs ;;
       kernels) run_stage kernels "$RESULTS/kernels_stdout.log" "$PY" bench/kernels.py --out "$RESULTS" ;;
+      sweep) run_stage sweep "$RESULTS/kernel_sweep_stdout.log" "$PY" bench/kernel_sweep.py --out "$RESULTS" ;;
       2b) throughput 2b cogvideox-2b 49 480 720 ;;
       5b) throughput 5b cogvideox-5b 49 480 720 ;;
       i2v) throughput i2v cogvideox-5b-i2v 49 480 720 ;;
       1.5) throughput 1.5 cogvideox1.5-5b 81 768 1360 ;;
-      *) status "$stage" "FAILED (unknown stage; use tests gputests kernels 2b 5b i2v 1.5)" ;;
+      *) status "$stage" "FAILED (unknown stage; use tests gputests kernels sweep 2b 5b i2v 1.5)" ;;
     esac
   done
 }
@@ -142,7 +145,7 @@ write_summary() {
     echo
     cat "$STATUS_FILE"
     local f
-    for f in "$RESULTS"/stdout_throughput_*.md "$RESULTS"/kernels.md "$RESULTS"/pytest_gpu_*.log; do
+    for f in "$RESULTS"/stdout_throughput_*.md "$RESULTS"/kernels.md "$RESULTS"/kernel_sweep.md "$RESULTS"/pytest_gpu_*.log; do
       [ -f "$f" ] || continue
       echo
       echo "## $(basename "$f")"

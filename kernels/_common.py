@@ -61,6 +61,41 @@ def check_device(*tensors: torch.Tensor) -> None:
 
 
 @triton.jit
+def _loop_bound_probe(out_ptr, n):
+    acc = 0
+    for i in range(tl.program_id(0), n):  # a loop bound computed in the kernel, as lora_linear has
+        acc += i
+    tl.store(out_ptr, acc)
+
+
+def _check_interpreter() -> None:
+    """Fail at import, with the fix, where this Triton's interpreter cannot run the kernels.
+
+    Triton 3.6's interpreter turns a loop bound computed in the kernel into a Python int with
+    ``int(array)`` on a 1-element array, which numpy >= 2.4 refuses ("only 0-dimensional arrays
+    can be converted to Python scalars"); Triton 3.7 squeezes first. Compiled (GPU) kernels are
+    not affected. A probe launch is the honest test: it does not guess from version numbers.
+    """
+    out = torch.zeros(1, dtype=torch.int32)
+    try:
+        _loop_bound_probe[(1,)](out, 3)
+    except Exception as e:  # noqa: BLE001 -- re-raised with the fix below
+        import numpy
+
+        raise ImportError(
+            f"fastcog.kernels: the Triton {triton.__version__} interpreter (TRITON_INTERPRET=1) cannot run "
+            f"these kernels with numpy {numpy.__version__}: {e}. Install triton==3.7.1 (constraints.txt) "
+            "or numpy<2.4."
+        ) from e
+    if int(out.item()) != 3:  # 0 + 1 + 2
+        raise ImportError(f"fastcog.kernels: the Triton interpreter computed {out.item()} for 0+1+2")
+
+
+if INTERPRET:
+    _check_interpreter()
+
+
+@triton.jit
 def to_out_dtype(x, DTYPE: tl.constexpr, UPCAST: tl.constexpr):
     """Convert fp32 ``x`` to DTYPE with round-to-nearest-even on every backend."""
     if UPCAST and DTYPE == tl.bfloat16:

@@ -36,3 +36,30 @@ def test_bench_kernels_smoke(tmp_path, monkeypatch):
     table = list(csv.DictReader(body))
     assert len(table) == len(rows)
     assert set(table[0]) >= {"p20_ms", "p50_ms", "p80_ms", "tflops", "gbps", "ratio"}
+    assert "## Targets (issue 4) -- smoke run: not a measurement" in md
+    assert "fused / base-linear floor = " in md and "(target <= 1.10: " in md and "datasheet" in md
+
+
+def test_target_checks_say_met_or_not_met(monkeypatch):
+    spec = importlib.util.spec_from_file_location("fastcog_bench_kernels_targets", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, bench)
+    spec.loader.exec_module(bench)
+    case = "lora q/k/v/out 17776x3072->3072 r128 fwd+bwd"
+    loss = "velocity_mse_loss 1x13x16x60x90 fwd+bwd"
+
+    def rows(fused_ms: float, eager_ms: float, loss_gbps: float) -> list:
+        return [
+            bench.Row(case, "fused", 0, fused_ms, 0, 0, 0, 0, "floor"),
+            bench.Row(case, "floor", 0, 1.0, 0, 0, 0, 0, "floor"),
+            bench.Row(case, "eager", 0, eager_ms, 0, 0, 0, 0, "floor"),
+            bench.Row(loss, "fused", 0, 1.0, 0, 0, loss_gbps, 0, "eager"),
+        ]
+
+    good = "\n".join(bench.target_checks(rows(1.08, 1.5, 4000.0), 4300.0, 4800.0))
+    assert "= 1.080 (target <= 1.10: MET)" in good and "1.39x (target >= 1.3x: MET)" in good
+    assert "83% of the 4800 GB/s datasheet HBM bandwidth (target >= 80%: MET)" in good
+    bad = "\n".join(bench.target_checks(rows(1.2, 1.5, 3000.0), 4300.0, 4800.0))
+    assert "= 1.200 (target <= 1.10: NOT MET)" in bad and "1.25x (target >= 1.3x: NOT MET)" in bad
+    assert "62% of the 4800 GB/s datasheet HBM bandwidth (target >= 80%: NOT MET)" in bad
+    assert "no datasheet figure" in "\n".join(bench.target_checks(rows(1.0, 2.0, 1.0), 10.0, None))
