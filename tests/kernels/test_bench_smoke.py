@@ -57,9 +57,9 @@ def test_target_checks_say_met_or_not_met(monkeypatch):
         ]
 
     good = "\n".join(bench.target_checks(rows(1.08, 1.5, 4000.0), 4300.0, 4800.0))
-    assert "= 1.080 (target <= 1.10: MET)" in good and "1.39x (target >= 1.3x: MET)" in good
+    assert "= 1.080 (target <= 1.10: MET; FLOP ratio 1.125)" in good and "1.39x (target >= 1.3x: MET)" in good
     assert "83% of the 4800 GB/s datasheet HBM bandwidth (target >= 80%: MET)" in good
     bad = "\n".join(bench.target_checks(rows(1.2, 1.5, 3000.0), 4300.0, 4800.0))
-    assert "= 1.200 (target <= 1.10: NOT MET)" in bad and "1.25x (target >= 1.3x: NOT MET)" in bad
+    assert "= 1.200 (target <= 1.10: NOT MET; FLOP ratio 1.125)" in bad and "1.25x (target >= 1.3x: NOT MET)" in bad
     assert "62% of the 4800 GB/s datasheet HBM bandwidth (target >= 80%: NOT MET)" in bad
     assert "no datasheet figure" in "\n".join(bench.target_checks(rows(1.0, 2.0, 1.0), 10.0, None))
