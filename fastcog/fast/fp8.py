@@ -127,7 +127,10 @@ def _scaled_matmul(
         out_dtype=torch.bfloat16 if rowwise else a.dtype,
         use_fast_accum=fast_accum,
     )
-    return out.to(a.dtype)
+    # Never a no-op ``.to``: under torch.compile in torch 2.11, an autograd.Function whose forward
+    # returns ``t.to(t.dtype)`` (t itself) gets a zero gradient (dx == 0, seen on CPU with aot_eager
+    # and inductor; torch 2.13 is fine). tests/test_fp8.py's compile test catches it on 2.11.
+    return out if out.dtype == a.dtype else out.to(a.dtype)
 
 
 class _Fp8LinearFn(torch.autograd.Function):
