@@ -32,6 +32,9 @@
 # bench/results/ and the log and summary beside them. The copy on the device machine has no .git:
 # pass the commit in, e.g. FASTCOG_GIT_COMMIT=$(git rev-parse HEAD) FASTCOG_GIT_DIRTY=0.
 #
+# Without a CUDA device setup fails (every GPU test would be "skipped" and read as passed);
+# GPU_CHECK_ALLOW_CPU=1 runs the plumbing anyway, as a dry run on a CPU machine.
+#
 # Exit status: 0 if every stage passed, else 1.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -69,7 +72,7 @@ setup() {
     "$PY" -m pip install -q --no-deps --no-index --no-build-isolation -e . || return 1
   fi
   "$PY" - <<'EOF' || return 1
-import importlib, importlib.metadata as md
+import importlib, importlib.metadata as md, os
 import torch
 for pkg in ("torch", "triton", "diffusers", "peft", "transformers", "torchao", "bitsandbytes"):
     try:
@@ -79,6 +82,9 @@ for pkg in ("torch", "triton", "diffusers", "peft", "transformers", "torchao", "
 print("cuda", torch.version.cuda, "| device", torch.cuda.get_device_name() if torch.cuda.is_available() else "NONE")
 for mod in ("fastcog.kernels", "diffusers", "peft"):
     importlib.import_module(mod)  # the benchmark cannot run without these
+if not torch.cuda.is_available() and os.environ.get("GPU_CHECK_ALLOW_CPU") != "1":
+    # Without a GPU every GPU test would be "skipped" and the stage would read "passed".
+    raise SystemExit("no CUDA device: this is the GPU check (GPU_CHECK_ALLOW_CPU=1 for a plumbing dry run)")
 EOF
 }
 
