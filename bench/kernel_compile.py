@@ -157,6 +157,7 @@ class Recorder:
             self._shape = f"n={ints[0]}" if ints else ""
 
     def cache_hook(self, *, key, fn, compile, **_) -> bool:  # Triton jit_cache_hook
+        import triton
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
 
@@ -171,8 +172,6 @@ class Recorder:
         target = GPUTarget("cuda", self.arch, 32)
         src = ASTSource(jit, compile["signature"], compile["constants"], compile["configs"][0])
         options = {k: compile[k] for k in ("num_warps", "num_ctas", "num_stages", "enable_fp_fusion")}
-        import triton
-
         t0 = time.perf_counter()
         try:
             kernel = triton.compile(src, target=target, options=options)
@@ -242,7 +241,6 @@ def run(args: argparse.Namespace) -> list[Launch]:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise SystemExit("bench/kernel_compile.py compiles kernels: unset TRITON_INTERPRET")
     import torch
-    import triton
 
     lora = importlib.import_module("fastcog.kernels.lora_linear")
     loss = importlib.import_module("fastcog.kernels.diffusion_loss")
@@ -283,7 +281,6 @@ def run(args: argparse.Namespace) -> list[Launch]:
         tuned.configs = saved_configs
         lora._num_sms = num_sms
         undo()
-    del triton
     return recorder.launches
 
 
