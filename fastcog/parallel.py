@@ -7,7 +7,8 @@ NCCL on GPUs and gloo on CPU, and is a no-op in a plain single process.
 
   fsdp  FSDP2: `fully_shard` on each CogVideoX block, then on the root. It runs after the fast
         path (activation checkpointing, then per-block compile), the order FSDP2 needs: the
-        checkpoint wrapper and the compiled block sit inside the sharded unit. With
+        checkpoint wrapper and the compiled block sit inside the sharded unit. The FP8 weights
+        of fast.fp8 / fast.fp8_weight_storage are sharded too (`shard_fp8_weights`). With
         parallel.replicate_degree > 1 the mesh is 2D (replicate x shard): HSDP.
   ddp   DistributedDataParallel: every rank holds the whole model, gradients all-reduced.
   none  one process, the model as it is.
@@ -229,10 +230,17 @@ def apply_fsdp(transformer: torch.nn.Module, par: ParallelConfig, world: World, 
     if param_dtype were None) as bytes. With param_dtype set, every parameter is cast to it
     before the all-gather (the LoRA adapters compute in bf16, as autocast would make them), and
     gradients are reduced in fp32 into the fp32 shards the optimizer steps.
+
+    FP8 linears (fastcog.fast.fp8) keep their FP8 weights in buffers, which FSDP2 would leave
+    whole on every rank (9.5 GB per rank at 5B); `shard_fp8_weights` makes them frozen
+    Parameters, sharded in their block's unit like any other frozen weight, and turns the
+    parameter cast off (see there). Without FP8 linears nothing here changes.
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    if shard_fp8_weights(transformer):
+        param_dtype = None
     if par.replicate_degree > 1:
         mesh = init_device_mesh(device.type, (par.replicate_degree, world.world_size // par.replicate_degree),
                                 mesh_dim_names=("replicate", "shard"))
@@ -251,6 +259,39 @@ def apply_fsdp(transformer: torch.nn.Module, par: ParallelConfig, world: World, 
     # The root's own parameters (embeddings, final norm and projection) are used last in the
     # forward and first in the backward: keep them gathered in between (FSDP2's root default).
     fully_shard(transformer, mesh=mesh, reshard_after_forward=False, mp_policy=mp)
+
+
+def shard_fp8_weights(transformer: torch.nn.Module) -> bool:
+    """Make the FP8 weights of the FP8 linears frozen Parameters, for fully_shard; False if none.
+
+    Why Parameters: FSDP2 shards Parameters only. Frozen, they stay out of the optimizer and of
+    checkpoints (saved with ignore_frozen_params; they are derived from the pretrained weights
+    at conversion, as in one process) and get no gradient; FSDP2 shards them on dim 0,
+    all-gathers them with the rest of their block before its forward and again before its
+    backward (reshard_after_forward as set), and frees them after.
+
+    Why no parameter cast (param_dtype None) for the whole model when there are FP8 weights: a
+    MixedPrecisionPolicy casts *every* floating parameter of a unit to param_dtype before the
+    all-gather, FP8 ones included, which would gather bf16 copies (twice the bytes) and hand the
+    FP8 matmul bf16 weights. Without the cast the all-gather moves each tensor in its own dtype
+    (a unit of mixed dtypes goes as one uint8 buffer): FP8 bytes for the FP8 weights, the frozen
+    base as it is stored (bf16/fp16, the model dtype), and the fp32 LoRA adapters, which then
+    meet the trainer's autocast inside the block exactly as in one process (gradients in fp32,
+    reduced in fp32; tests/test_fp8_fsdp.py measures FSDP and DDP runs with the same per-rank
+    batches giving identical losses). The price is the adapters gathered in fp32 rather than
+    bf16: at 5B with rank 128 on four attention linears, 0.53 GB instead of 0.26 GB per pass,
+    next to 9.5 GB of FP8 weights. Considered and not taken: a unit of their own per FP8
+    linear with its own policy, whose FSDP hooks then sit inside the compiled block
+    (fast.compile, fullgraph) and break its graph (FSDP2 wraps its hooks in
+    torch._dynamo.disable; seen with torch 2.13); or resetting FSDP2's private per-parameter
+    param_dtype after fully_shard.
+    """
+    from fastcog.fast.fp8 import fp8_modules
+
+    modules = fp8_modules(transformer)
+    for m in modules:
+        m.weights_as_parameters()
+    return bool(modules)
 
 
 def apply_ddp(transformer: torch.nn.Module, device: torch.device) -> torch.nn.Module:

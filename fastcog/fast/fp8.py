@@ -37,8 +37,12 @@ backward. Widening is exact: e4m3 values and power-of-two scales are representab
 
 State. The FP8 weights and their scales are non-persistent buffers: not in the state_dict (the frozen
 weights come from the pretrained checkpoint; trainable names such as peft's ``lora_A`` are unchanged),
-moved by ``.to(device)``, but also widened by ``.to(dtype)`` (so never cast a converted model), and not
-sharded by FSDP2 (each rank keeps the full FP8 copies). peft's merge / unmerge cannot reach them.
+moved by ``.to(device)``, but also widened by ``.to(dtype)`` (so never cast a converted model). peft's
+merge / unmerge cannot reach them. FSDP2 shards Parameters only, so before ``fully_shard``
+``fastcog.parallel`` calls :meth:`~_FrozenFp8Base.weights_as_parameters`: the FP8 weights (not the
+scales) become frozen Parameters, the same tensors, and are sharded, gathered as FP8 bytes and freed
+like any other frozen weight; frozen, they stay out of the optimizer and of checkpoints (which skip
+frozen parameters), so a resume converts the pretrained weights again, exactly as at the start.
 
 Dtypes. The compute dtype is the autocast dtype when autocast is on, else x's dtype when it is bf16 or
 fp16, else the dtype the weight had (an fp32 x is cast to it and the result cast back to fp32).
@@ -77,6 +81,7 @@ __all__ = [
     "Fp8StorageLinear",
     "convert_linears_to_fp8",
     "convert_linears_to_fp8_storage",
+    "fp8_modules",
     "quantize",
 ]
 
@@ -219,6 +224,9 @@ def _frozen_weight(linear: nn.Linear, what: str) -> torch.Tensor:
 class _FrozenFp8Base(nn.Module):
     """Shared bits: features, bias (kept as the same Parameter), compute dtype, output dtype rule."""
 
+    fp8_weight_names: tuple[str, ...] = ()
+    """The FP8 weight tensors (buffers, or frozen Parameters after :meth:`weights_as_parameters`)."""
+
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         self.in_features = linear.in_features
@@ -233,6 +241,22 @@ class _FrozenFp8Base(nn.Module):
             y = y + self.bias.to(dtype)
         return y if torch.is_autocast_enabled(x.device.type) else y.to(x.dtype)
 
+    def weights_as_parameters(self) -> None:
+        """Re-register the FP8 weights as frozen Parameters (the same tensors, not copied), for FSDP2.
+
+        FSDP2 shards Parameters only: as buffers every rank would keep the whole FP8 weights. As
+        frozen Parameters they are sharded with the rest of their FSDP unit and all-gathered for its
+        forward and backward, and, being frozen, still left out of checkpoints
+        (``ignore_frozen_params``) and of the optimizer. The forward reads them by the same names.
+        The scales stay replicated buffers: 4 bytes per tensor or per row (0.13% of the weight bytes
+        at 5B's 3072 features), and ``[]`` / ``[1, N]`` have no dim 0 for FSDP to split. Idempotent.
+        """
+        for name in self.fp8_weight_names:
+            if name in self._buffers:
+                tensor = self._buffers[name]
+                delattr(self, name)  # out of _buffers and the non-persistent set
+                self.register_parameter(name, nn.Parameter(tensor, requires_grad=False))
+
 
 class Fp8Linear(_FrozenFp8Base):
     """A frozen nn.Linear whose matmuls run in FP8 (``recipe``: tensorwise or rowwise); dx only.
@@ -241,6 +265,8 @@ class Fp8Linear(_FrozenFp8Base):
     ``weight_fp8`` [out, in] e4m3 and ``weight_t_fp8`` [in, out] e4m3, with inverse scales
     ``weight_inv_scale`` / ``weight_t_inv_scale`` (``[]`` tensorwise, ``[1, out]`` / ``[1, in]`` rowwise).
     """
+
+    fp8_weight_names = ("weight_fp8", "weight_t_fp8")
 
     def __init__(self, linear: nn.Linear, recipe: str = "tensorwise") -> None:
         if recipe not in RECIPES:
@@ -286,6 +312,8 @@ class Fp8StorageLinear(_FrozenFp8Base):
     About half the bytes of a bf16 weight; the matmul itself is the ordinary high-precision one.
     """
 
+    fp8_weight_names = ("weight_fp8",)
+
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__(linear)
         with torch.no_grad():
@@ -300,6 +328,11 @@ class Fp8StorageLinear(_FrozenFp8Base):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def fp8_modules(module: nn.Module) -> list[_FrozenFp8Base]:
+    """The Fp8Linear / Fp8StorageLinear modules under ``module`` (itself included), each once."""
+    return [m for m in module.modules() if isinstance(m, _FrozenFp8Base)]
 
 
 # --------------------------------------------------------------------------- conversion

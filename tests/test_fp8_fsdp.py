@@ -1,0 +1,435 @@
+"""FP8 weights under FSDP2: sharded like any frozen weight, gathered as FP8, the same training.
+
+torchrun on CPU with gloo, as tests/test_distributed.py (whose helpers and data are reused).
+
+* `test_fp8_weights_are_sharded_and_gathered_as_fp8`: a worker (this file run by torchrun)
+  converts a tiny LoRA CogVideoX to FP8 (every kind that runs on this CPU), keeps an unsharded
+  copy, applies fastcog.parallel's FSDP and checks, per rank: the local FP8 bytes are exactly
+  half of the whole (the 1-rank bytes) on 2 ranks, every FP8 tensor is an FP8 DTensor shard; in
+  the forward each FP8 linear sees its whole weight in FP8; the all-gathers carry exactly the
+  parameters' stored bytes (FP8 as 1 byte, never widened to 2); and the output, the input
+  gradient and every LoRA gradient are bitwise equal to the unsharded model's (same input on
+  every rank: FSDP must change nothing but where the weights live), eager and compiled; and the
+  same on 4 ranks as HSDP (2 replicas x 2 shards).
+* `test_two_ranks_train_as_one` (storage; rowwise where this torch's CPU _scaled_mm has it):
+  2 ranks x batch 1 (FSDP) against 1 process x batch 2 through the real trainer: per-step loss,
+  pre-clip gradient norm, final LoRA.
+* `test_fsdp_trains_as_ddp` (every kind): 2 ranks x batch 1, FSDP against DDP (whole FP8 buffers
+  on every rank, the one-process code path), so that the only difference is the sharding.
+* `test_fp8_fsdp_checkpoint_resumes`: the 2-rank run's checkpoint-2 resumed on 2 ranks.
+
+Tolerances. The model is bf16 (FP8 needs bf16 or fp16). FSDP against one process: batch-2 and
+batch-1 GEMMs round differently in bf16, and the FP8 quantisation of activations magnifies that
+(a value that moves across an FP8 rounding boundary moves by a whole FP8 step). Only
+batch-invariant recipes are compared this way: the storage variant quantises only the weight,
+rowwise scales each token's row on its own; tensorwise (one scale per activation tensor) rounds
+a sample differently in a batch of 2 and is compared against DDP only. Measured over four
+sessions (4 steps, torch 2.13 CPU): losses within 1.2e-4 relative (rowwise; storage 3.1e-5),
+gradient norms 5.4e-4, LoRA weights 1.1e-4 absolute on weights up to 0.18; tolerances 1e-3,
+5e-3 and 1e-3. That catches gross errors (zeroing half the rows of every FP8 weight, as a shard
+missing from the gather would, changes the tiny model's output by 68%; a missing average over
+ranks would double the gradient norm) but not small ones: a 1% larger LoRA alpha moves the loss
+by 1e-4 and the LoRA by 1.5e-4, the gradient norm by 1e-2 (measured, rowwise). The tight check
+is FSDP against DDP, same per-rank batches: measured losses identical, gradient norms within
+1.2e-7 relative, LoRA within 1.5e-8 (the gradients are averaged by a reduce-scatter instead of
+an all-reduce, and the norm summed over shards); tolerances 1e-6, 1e-5 and 1e-6. (One process
+in pytest and one under torchrun with OMP_NUM_THREADS=1 give identical runs: the thread count
+plays no part.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import tests.test_distributed
+from tests.test_distributed import (
+    LAUNCH_TIMEOUT_S,
+    assert_losses_close,
+    in_process,
+    launch,
+    losses,
+    metrics,
+    raw_config,
+)
+
+data = tests.test_distributed.data  # the fixture: the tiny model, 4 clips and their cache
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 4
+# See the module docstring for the measurements behind these.
+ONE_LOSS_RTOL, ONE_GRAD_NORM_RTOL, ONE_LORA_ATOL = 1e-3, 5e-3, 1e-3
+DDP_LOSS_RTOL, DDP_GRAD_NORM_RTOL, DDP_LORA_ATOL = 1e-6, 1e-5, 1e-6
+FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def _rowwise_scaled_mm_on_cpu() -> bool:
+    """torch <= 2.11's CPU _scaled_mm takes per-tensor scales only (rowwise runs on GPUs there)."""
+    a = torch.ones(16, 16).to(torch.float8_e4m3fn)
+    try:
+        torch._scaled_mm(a, a.t(), scale_a=torch.ones(16, 1), scale_b=torch.ones(1, 16), out_dtype=torch.bfloat16)
+    except RuntimeError:
+        return False
+    return True
+
+
+ROWWISE_ON_CPU = _rowwise_scaled_mm_on_cpu()
+KINDS = ["storage", "tensorwise"] + (["rowwise"] if ROWWISE_ON_CPU else [])
+needs_rowwise = pytest.mark.skipif(not ROWWISE_ON_CPU, reason="this torch's CPU _scaled_mm has no rowwise scaling")
+
+
+def fast_section(kind: str) -> dict:
+    fp8 = {"fp8_weight_storage": True} if kind == "storage" else {"fp8": kind}
+    return {**fp8, "fp8_min_features": 16}  # the tiny model's linears are 32 to 192 wide
+
+
+def fp8_bytes(module: torch.nn.Module) -> int:
+    """Bytes of FP8 weights this rank holds (a DTensor counts its local shard)."""
+    total = 0
+    for t in [*module.parameters(), *module.buffers()]:
+        if t.dtype in FP8:
+            local = t.to_local() if hasattr(t, "to_local") else t
+            total += local.numel() * local.element_size()
+    return total
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_weights_as_parameters_changes_only_the_registration(kind):
+    """What fastcog.parallel does before fully_shard, in one process: the same FP8 tensors (not
+    copies) become frozen Parameters; the scales stay buffers; the forward and dx are unchanged."""
+    from fastcog.fast.fp8 import Fp8Linear, Fp8StorageLinear
+
+    g = torch.Generator().manual_seed(0)
+    lin = torch.nn.Linear(64, 48, dtype=torch.bfloat16).requires_grad_(False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(48, 64, generator=g))
+    m = Fp8StorageLinear(lin) if kind == "storage" else Fp8Linear(lin, kind)
+    x = torch.randn(5, 64, generator=g).to(torch.bfloat16)
+
+    def run() -> tuple[torch.Tensor, torch.Tensor]:
+        xx = x.clone().requires_grad_()
+        y = m(xx)
+        y.float().square().sum().backward()
+        return y.detach(), xx.grad
+
+    before, ptrs = run(), {n: getattr(m, n).data_ptr() for n in m.fp8_weight_names}
+    scales = sorted(n for n, _ in m.named_buffers())
+    assert sorted(ptrs) == sorted(n for n, b in m.named_buffers() if b.dtype in FP8)
+    m.weights_as_parameters()
+    m.weights_as_parameters()  # idempotent
+    fp8 = {n: p for n, p in m.named_parameters() if p.dtype in FP8}
+    assert sorted(fp8) == sorted(ptrs) and not any(p.requires_grad for p in fp8.values())
+    assert all(fp8[n].data_ptr() == ptr for n, ptr in ptrs.items())
+    assert sorted(n for n, _ in m.named_buffers()) == [n for n in scales if n not in ptrs]
+    after = run()
+    assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
+
+
+# --------------------------------------------------------------------------------------------
+# The worker: sharding, gathering and bitwise equality with the unsharded model
+# --------------------------------------------------------------------------------------------
+
+
+def _tiny_lora_fp8(model_path: str, kind: str) -> torch.nn.Module:
+    from fastcog.config import LoraConfig
+    from fastcog.fast.fp8 import convert_linears_to_fp8, convert_linears_to_fp8_storage
+    from fastcog.lora import inject_lora
+    from fastcog.models import load_components
+
+    torch.manual_seed(0)  # the same LoRA A on every rank
+    transformer = load_components(model_path, "bf16", parts=("transformer",)).transformer
+    inject_lora(transformer, LoraConfig(rank=4, alpha=4.0))
+    g = torch.Generator().manual_seed(50)
+    with torch.no_grad():  # B = 0 at init would make every LoRA gradient but dB zero
+        for name, p in transformer.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    if kind == "storage":
+        convert_linears_to_fp8_storage(transformer, min_features=16)
+    else:
+        convert_linears_to_fp8(transformer, kind, min_features=16)
+    return transformer
+
+
+def _step(model: torch.nn.Module, after_forward=lambda: None) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """One forward and backward under the trainer's autocast; the same input on every rank."""
+    g = torch.Generator().manual_seed(51)
+    hidden = torch.randn(1, 3, 16, 8, 12, generator=g).to(torch.bfloat16).requires_grad_()
+    text = torch.randn(1, 16, 32, generator=g).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(hidden_states=hidden, encoder_hidden_states=text, timestep=torch.tensor([500]), return_dict=False)
+    out = out[0]
+    after_forward()
+    out.float().square().mean().backward()
+    grads = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            grads[name] = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+    return out.detach(), hidden.grad, grads
+
+
+class GatherLog:
+    """The all-gathers FSDP issues (output dtype and bytes), whichever collective this torch uses."""
+
+    NAMES = ("all_gather_into_tensor", "all_gather_single")
+
+    def __init__(self) -> None:
+        import torch.distributed as dist
+
+        self.dist, self.saved, self.calls = dist, {}, []
+
+    def __enter__(self) -> GatherLog:
+        for name in self.NAMES:
+            if hasattr(self.dist, name):
+                original = self.saved[name] = getattr(self.dist, name)
+
+                def logged(output, *args, _original=original, **kwargs):
+                    self.calls.append((str(output.dtype), output.numel() * output.element_size()))
+                    return _original(output, *args, **kwargs)
+
+                setattr(self.dist, name, logged)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for name, original in self.saved.items():
+            setattr(self.dist, name, original)
+
+
+def _stored_bytes(model: torch.nn.Module, shards: int) -> tuple[int, int]:
+    """(bytes of every parameter as stored, padded as FSDP pads dim 0; the same with FP8 widened to 2)."""
+    stored = widened = 0
+    for p in model.parameters():
+        rows = -(-p.shape[0] // shards) * shards if p.dim() else 1
+        numel = rows * (p.numel() // p.shape[0] if p.dim() and p.shape[0] else 1)
+        stored += numel * p.element_size()
+        widened += numel * (2 if p.dtype in FP8 else p.element_size())
+    return stored, widened
+
+
+def worker(out_dir: str, model_path: str, replicate: int, kinds: list[str]) -> None:
+    from fastcog.config import ParallelConfig
+    from fastcog.fast.fp8 import fp8_modules
+    from fastcog.parallel import init_distributed, parallelize, shutdown_distributed
+
+    world = init_distributed()
+    shards = world.world_size // replicate
+    report: dict[str, dict] = {}
+    for kind in kinds:
+        for compiled in (False, True):
+            torch._dynamo.reset()
+            # Built twice the same way: the reference is the model as one process runs it (FP8
+            # buffers, no FSDP). Compiled as fast.compile does it: each block, before fully_shard.
+            model, reference = _tiny_lora_fp8(model_path, kind), _tiny_lora_fp8(model_path, kind)
+            if compiled:
+                for block in [*model.transformer_blocks, *reference.transformer_blocks]:
+                    block.compile(fullgraph=True, backend="aot_eager")
+            whole = fp8_bytes(model)
+            par = parallelize(
+                model, ParallelConfig(replicate_degree=replicate), "fsdp", world, torch.device("cpu"), "bf16"
+            )
+            fp8_params = {n: p for n, p in par.module.named_parameters() if p.dtype in FP8}
+            r = {
+                "whole": whole,
+                "local": fp8_bytes(par.module),
+                "fp8_buffers": [n for n, b in par.module.named_buffers() if b.dtype in FP8],
+                "fp8_params": len(fp8_params),
+                "fp8_params_sharded": all(
+                    type(p.data).__name__ == "DTensor" and not p.requires_grad and p.to_local().dtype == p.dtype
+                    for p in fp8_params.values()
+                ),
+                "fp8_modules": len(fp8_modules(par.module)),
+            }
+            seen: list[tuple[str, list[int], bool]] = []
+
+            def record(module, args, _seen=seen):
+                for name in module.fp8_weight_names:
+                    w = getattr(module, name)
+                    _seen.append((str(w.dtype), list(w.shape), hasattr(w, "to_local")))
+
+            hooks = [m.register_forward_pre_hook(record) for m in fp8_modules(par.module)]
+            r["stored"], r["widened"] = _stored_bytes(par.module, shards)
+            # Resharded after the forward (reshard_after_forward), so gathered again for the backward:
+            # every block but the last.
+            r["regathered"] = sum(_stored_bytes(b, shards)[0] for b in par.module.transformer_blocks[:-1])
+            with GatherLog() as log:
+                out, dx, grads = _step(par.module, lambda r=r, log=log: r.setdefault("forward_calls", len(log.calls)))
+            for h in hooks:
+                h.remove()
+            r["gathers"] = log.calls
+            r["seen_in_forward"] = seen
+            r["whole_shapes"] = sorted([str(p.dtype), list(p.shape)] for p in fp8_params.values())
+            out_ref, dx_ref, grads_ref = _step(reference)
+            r["out_equal"] = torch.equal(out, out_ref)
+            r["dx_equal"] = torch.equal(dx, dx_ref)
+            r["grads_equal"] = grads.keys() == grads_ref.keys() and all(
+                torch.equal(g, grads_ref[n]) for n, g in grads.items()
+            )
+            r["grads_nonzero"] = sum(bool(g.abs().sum() > 0) for g in grads.values())
+            report[f"{kind}{'-compiled' if compiled else ''}"] = r
+    Path(out_dir, f"rank{world.rank}.json").write_text(json.dumps(report, indent=1))
+    shutdown_distributed()
+
+
+def run_worker(out: Path, model_path: str, nproc: int, replicate: int = 1) -> list[dict]:
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(nproc),
+        __file__,
+        str(out),
+        model_path,
+        str(replicate),
+        *KINDS,
+    ]
+    # CPU and gloo even where a GPU is visible: what is checked here is where the weights live.
+    path = f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=LAUNCH_TIMEOUT_S, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)]
+
+
+def check_worker_report(ranks: list[dict], shards: int) -> None:
+    for rank, report in enumerate(ranks):
+        assert set(report) == {f"{k}{c}" for k in KINDS for c in ("", "-compiled")}
+        for case, r in report.items():
+            where = f"rank {rank}, {case}"
+            print(f"{where}: FP8 weight bytes {r['whole']} whole (1 rank), {r['local']} on this rank")
+            # 1. Sharded: this rank holds 1/shards of the FP8 bytes (the tiny model's dims divide).
+            assert r["whole"] > 0 and r["local"] * shards == r["whole"], where
+            assert r["fp8_buffers"] == [] and r["fp8_params"] > 0 and r["fp8_params_sharded"], where
+            per_module = 1 if case.startswith("storage") else 2
+            assert r["fp8_params"] == per_module * r["fp8_modules"], where
+            # 2. Gathered as FP8: each FP8 linear's forward sees its whole weight, in FP8, not a shard
+            # (eager only: inside a compiled block a forward hook is traced, not run each call).
+            if not case.endswith("compiled"):
+                assert sorted([d, s] for d, s, _ in r["seen_in_forward"]) == r["whole_shapes"], where
+                assert not any(is_dtensor for _, _, is_dtensor in r["seen_in_forward"]), where
+            # The forward's all-gathers carry every parameter once in its stored dtype: exactly
+            # the stored bytes, FP8 at 1 byte (widened to bf16 they would be `widened`); the
+            # backward's, the blocks freed after the forward, again in their stored dtypes.
+            forward = sum(nbytes for _, nbytes in r["gathers"][: r["forward_calls"]])
+            backward = sum(nbytes for _, nbytes in r["gathers"][r["forward_calls"] :])
+            assert forward == r["stored"] < r["widened"], (where, forward, r["stored"], r["widened"])
+            # Every unit mixes FP8 weights, the bf16 base and fp32 adapters: FSDP2 moves it as bytes.
+            assert {dtype for dtype, _ in r["gathers"]} == {"torch.uint8"}, (where, r["gathers"])
+            assert backward == r["regathered"] > 0, (where, backward, r["regathered"])
+            # 3. Nothing else changes: bitwise the unsharded model's output and gradients.
+            assert r["out_equal"] and r["dx_equal"] and r["grads_equal"], where
+            assert r["grads_nonzero"] > 0, where
+
+
+def test_fp8_weights_are_sharded_and_gathered_as_fp8(data, tmp_path):
+    check_worker_report(run_worker(tmp_path, data["model"], nproc=2), shards=2)
+
+
+def test_fp8_weights_under_hsdp(data, tmp_path):
+    """parallel.replicate_degree=2 on 4 ranks: sharded over the 2 ranks of a replica group."""
+    check_worker_report(run_worker(tmp_path, data["model"], nproc=4, replicate=2), shards=2)
+
+
+# --------------------------------------------------------------------------------------------
+# Training through the trainer: 2 ranks against 1, then a resume
+# --------------------------------------------------------------------------------------------
+
+
+def fp8_raw(data: dict[str, str], out: Path, kind: str, ranks: int = 1, **sections) -> dict:
+    # Every 2 steps a checkpoint; full activation checkpointing on (the FP8 weights are gathered
+    # again for the recomputation in the backward).
+    base = {
+        "model": {"dtype": "bf16"},
+        "fast": fast_section(kind),
+        "train": {"train_steps": STEPS, "activation_checkpointing": "full"},
+        "checkpoint": {"every_steps": 2},
+    }
+    for name, values in sections.items():
+        base.setdefault(name, {}).update(values)
+    return raw_config(data, out, ranks=ranks, **base)
+
+
+@pytest.fixture(scope="module")
+def run(data):
+    """run(kind, how) -> the output folder of a 4-step run, each made once: `one` (one process x
+    batch 2), `fsdp` or `ddp` (2 ranks x batch 1)."""
+    done: dict[tuple[str, str], Path] = {}
+
+    def get(kind: str, how: str) -> Path:
+        if (kind, how) not in done:
+            out = Path(data["root"]) / f"fp8-{kind}-{how}"
+            if how == "one":
+                in_process(fp8_raw(data, out, kind))
+            else:
+                log = launch(fp8_raw(data, out, kind, ranks=2, parallel={"strategy": how}), out.name)
+                assert f"processes      2 ({how})" in log.stdout
+            done[kind, how] = out
+        return done[kind, how]
+
+    return get
+
+
+def read_lora(out: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "lora" / "pytorch_lora_weights.safetensors"))
+
+
+def compare_runs(got: Path, want: Path, loss_rtol: float, grad_norm_rtol: float, lora_atol: float) -> None:
+    ref, new = metrics(want), metrics(got)
+    assert [r["step"] for r in new] == [r["step"] for r in ref] == list(range(1, STEPS + 1))
+    assert_losses_close([r["loss"] for r in new], [r["loss"] for r in ref], loss_rtol)
+    worst = max(abs(g["grad_norm"] - r["grad_norm"]) / r["grad_norm"] for g, r in zip(new, ref))
+    print(f"largest relative gradient norm difference {worst:.1e} (tolerance {grad_norm_rtol:.0e})")
+    assert worst <= grad_norm_rtol
+    a, b = read_lora(got), read_lora(want)
+    assert a.keys() == b.keys() and len(a) > 0
+    diff = max(float((a[k] - w).abs().max()) for k, w in b.items())
+    print(
+        f"largest LoRA difference {diff:.1e} (tolerance {lora_atol:.0e}; "
+        f"weights up to {max(float(w.abs().max()) for w in b.values()):.1e})"
+    )
+    assert diff <= lora_atol
+
+
+@pytest.mark.parametrize("kind", ["storage", pytest.param("rowwise", marks=needs_rowwise)])
+def test_two_ranks_train_as_one(run, kind):
+    compare_runs(run(kind, "fsdp"), run(kind, "one"), ONE_LOSS_RTOL, ONE_GRAD_NORM_RTOL, ONE_LORA_ATOL)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fsdp_trains_as_ddp(run, kind):
+    """The same per-rank batches: whole FP8 buffers on every rank (DDP) or sharded FP8 weights (FSDP)."""
+    compare_runs(run(kind, "fsdp"), run(kind, "ddp"), DDP_LOSS_RTOL, DDP_GRAD_NORM_RTOL, DDP_LORA_ATOL)
+
+
+def test_fp8_fsdp_checkpoint_resumes(data, run, tmp_path):
+    """The 2-rank FP8 run's checkpoint-2, resumed on 2 ranks, continues with the same losses and
+    ends on the same LoRA; the checkpoint holds the adapters and their Adam state, no FP8 weight."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    two = run("storage", "fsdp")
+    keys = list(FileSystemReader(str(two / "checkpoint-2")).read_metadata().state_dict_metadata)
+    assert any("lora_A" in k for k in keys) and not any("fp8" in k or "base_layer" in k for k in keys), keys
+    out = tmp_path / "resumed"
+    out.mkdir()
+    shutil.copytree(two / "checkpoint-2", out / "checkpoint-2")
+    done = launch(fp8_raw(data, out, "storage", ranks=2, checkpoint={"resume_from": "latest"}), "fp8-resume")
+    assert "resumed from" in done.stdout
+    assert [r["step"] for r in metrics(out)] == [3, 4]
+    # The same ranks, batches and code: the continuation is the uninterrupted run's, bit for bit.
+    assert losses(out) == losses(two)[2:]
+    want, have = read_lora(two), read_lora(out)
+    assert want.keys() == have.keys() and all(torch.equal(have[k], w) for k, w in want.items())
+
+
+if __name__ == "__main__":  # a torchrun worker: out_dir model_path replicate_degree kind...
+    worker(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:])
