@@ -31,8 +31,10 @@ missing from the gather would, changes the tiny model's output by 68%; a missing
 ranks would double the gradient norm) but not small ones: a 1% larger LoRA alpha moves the loss
 by 1e-4 and the LoRA by 1.5e-4, the gradient norm by 1e-2 (measured, rowwise). The tight check
 is FSDP against DDP, same per-rank batches: measured losses identical, gradient norms within
-1.2e-7 relative, LoRA within 1.5e-8 (the gradients are averaged by a reduce-scatter instead of
-an all-reduce, and the norm summed over shards); tolerances 1e-6, 1e-5 and 1e-6. (One process
+1.2e-7 relative, LoRA usually within 1.5e-8 but once 1.1e-6 (rowwise, a fresh-clone CI run; the
+gradients are averaged by a reduce-scatter instead of an all-reduce, and the norm summed over
+shards, and Adam's normalised update magnifies the last bits); tolerances 1e-6, 1e-5 and 1e-5,
+the last still 15x below the 1.5e-4 that a 1% larger alpha moves the LoRA by. (One process
 in pytest and one under torchrun with OMP_NUM_THREADS=1 give identical runs: the thread count
 plays no part.)
 """
@@ -65,7 +67,7 @@ ROOT = Path(__file__).resolve().parents[1]
 STEPS = 4
 # See the module docstring for the measurements behind these.
 ONE_LOSS_RTOL, ONE_GRAD_NORM_RTOL, ONE_LORA_ATOL = 1e-3, 5e-3, 1e-3
-DDP_LOSS_RTOL, DDP_GRAD_NORM_RTOL, DDP_LORA_ATOL = 1e-6, 1e-5, 1e-6
+DDP_LOSS_RTOL, DDP_GRAD_NORM_RTOL, DDP_LORA_ATOL = 1e-6, 1e-5, 1e-5
 FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
