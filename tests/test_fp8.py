@@ -389,6 +389,22 @@ def test_compile_fullgraph_matches_eager(kind):
     assert torch.equal(y, y_c) and torch.equal(dx, dx_c)
 
 
+@pytest.mark.parametrize("kind", ["tensorwise", "rowwise"])
+def test_autocast_changes_nothing_eager_or_compiled(kind):
+    """Eager autocast would cast _scaled_mm's fp32 scales to bf16 (a wrong output scale under
+    tensorwise, up to 0.4%); the GEMM runs with autocast off, so y and dx under autocast, eager or
+    compiled, equal the same bf16 computation without autocast, bit for bit."""
+    torch._dynamo.reset()
+    lin = Fp8Linear(frozen_linear(64, 64, seed=40), kind)
+    x = activations((2, 7, 64), seed=41)
+    y, dx, _ = run(lin, x)
+    compiled = torch.compile(lin, fullgraph=True, backend="aot_eager")
+    for module in (lin, compiled):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y_ac, dx_ac, _ = run(module, x)
+        assert torch.equal(y_ac, y) and torch.equal(dx_ac, dx)
+
+
 @pytest.mark.slow
 def test_inductor_matches_eager():
     """Inductor rounds the bf16 LayerNorm differently from eager, hence SQNR and not equality."""

@@ -124,14 +124,19 @@ def _scaled_matmul(
     b_inv is B's inverse scale: ``[]`` or ``[1, N]``. The result is in a's dtype.
     """
     aq, a_inv = quantize(a, a_fp8, rowwise)
-    out = torch._scaled_mm(
-        aq,
-        b.t(),  # column-major view, as _scaled_mm requires
-        scale_a=a_inv,
-        scale_b=b_inv,
-        out_dtype=torch.bfloat16 if rowwise else a.dtype,
-        use_fast_accum=fast_accum,
-    )
+    # Autocast off for the GEMM: eager autocast casts _scaled_mm's fp32 scales to bf16 (8-bit
+    # mantissa), which scaled every tensorwise output by a wrong factor (up to 0.4%; rowwise scales
+    # are powers of two, exact in bf16). Compiled code did not cast, so eager and compiled differed
+    # (max 0.0625 on a 64x64 layer); tests/test_fp8.py checks eager == compiled == no autocast.
+    with torch.autocast(a.device.type, enabled=False):
+        out = torch._scaled_mm(
+            aq,
+            b.t(),  # column-major view, as _scaled_mm requires
+            scale_a=a_inv,
+            scale_b=b_inv,
+            out_dtype=torch.bfloat16 if rowwise else a.dtype,
+            use_fast_accum=fast_accum,
+        )
     # Never a no-op ``.to``: under torch.compile in torch 2.11, an autograd.Function whose forward
     # returns ``t.to(t.dtype)`` (t itself) gets a zero gradient (dx == 0, seen on CPU with aot_eager
     # and inductor; torch 2.13 is fine). tests/test_fp8.py's compile test catches it on 2.11.
