@@ -236,10 +236,9 @@ def write(args, dev, timings, per_launch, recommended, split_rows, torch_v: str,
         cfg = min(by_cfg, key=by_cfg.get)
         rec = min(by_cfg[c] for c in recommended if c in by_cfg)
         cur = [by_cfg[c] for c in current if c in by_cfg]
+        cur_ms = f"{min(cur):.4f}" if cur else "-"
         lines.append(
-            f"| {launch} | {cfg} | {by_cfg[cfg]:.4f} | {best_tflops[(launch, cfg)]:.1f} | {rec:.4f} | {min(cur):.4f} |"
-            if cur
-            else f"| {launch} | {cfg} | {by_cfg[cfg]:.4f} | {best_tflops[(launch, cfg)]:.1f} | {rec:.4f} | - |"
+            f"| {launch} | {cfg} | {by_cfg[cfg]:.4f} | {best_tflops[(launch, cfg)]:.1f} | {rec:.4f} | {cur_ms} |"
         )
     lines += ["", "| shape | split-K of dA / dB | fwd+bwd p50 ms |", "|---|---|---:|"]
     lines += [f"| {shape} | {split} | {ms:.4f} |" for shape, split, ms in split_rows]
