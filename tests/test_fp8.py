@@ -566,12 +566,15 @@ def test_convert_picks_frozen_aligned_large_plain_linears():
     assert isinstance(model["odd"], Fp8StorageLinear)
 
 
-def _tiny_lora_transformer(tiny_checkpoint):
+def tiny_lora_transformer(model_path) -> nn.Module:
+    """The tiny bf16 CogVideoX at ``model_path`` with rank-4 LoRA and nonzero (seeded) lora_B.
+
+    Also used by tests/test_fp8_fsdp.py's torchrun worker."""
     from fastcog.config import LoraConfig
     from fastcog.lora import inject_lora
     from fastcog.models import load_components
 
-    transformer = load_components(tiny_checkpoint("cogvideox-5b"), "bf16", parts=("transformer",)).transformer
+    transformer = load_components(model_path, "bf16", parts=("transformer",)).transformer
     inject_lora(transformer, LoraConfig(rank=4, alpha=4.0))
     g = torch.Generator().manual_seed(50)
     with torch.no_grad():  # B = 0 at init would make every LoRA gradient but dB zero
@@ -599,7 +602,7 @@ TINY_DB = {"tensorwise": (25.0, 19.0, 16.0), "rowwise": (25.0, 21.0, 16.0), "sto
 def test_tiny_cogvideox_with_lora(tiny_checkpoint, kind):
     from fastcog.lora import load_trainable_state_dict, trainable_state_dict
 
-    ref = _tiny_lora_transformer(tiny_checkpoint)
+    ref = tiny_lora_transformer(tiny_checkpoint("cogvideox-5b"))
     model = copy.deepcopy(ref)
     lora_before = {n: p for n, p in model.named_parameters() if p.requires_grad}
     frozen_linears = {n for n, mod in model.named_modules()

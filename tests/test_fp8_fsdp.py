@@ -139,19 +139,11 @@ def test_weights_as_parameters_changes_only_the_registration(kind):
 
 
 def _tiny_lora_fp8(model_path: str, kind: str) -> torch.nn.Module:
-    from fastcog.config import LoraConfig
     from fastcog.fast.fp8 import convert_linears_to_fp8, convert_linears_to_fp8_storage
-    from fastcog.lora import inject_lora
-    from fastcog.models import load_components
+    from tests.test_fp8 import tiny_lora_transformer
 
     torch.manual_seed(0)  # the same LoRA A on every rank
-    transformer = load_components(model_path, "bf16", parts=("transformer",)).transformer
-    inject_lora(transformer, LoraConfig(rank=4, alpha=4.0))
-    g = torch.Generator().manual_seed(50)
-    with torch.no_grad():  # B = 0 at init would make every LoRA gradient but dB zero
-        for name, p in transformer.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    transformer = tiny_lora_transformer(model_path)
     if kind == "storage":
         convert_linears_to_fp8_storage(transformer, min_features=16)
     else:
