@@ -26,6 +26,8 @@ def test_bench_kernels_smoke(tmp_path, monkeypatch):
     for v in ("fused", "eager", "compiled", "floor"):
         assert ("lora", v) in variants
     assert ("velocity_mse_loss", "fused") in variants and ("add_noise", "fused") in variants
+    loss_cases = sorted({r.case for r in rows if r.case.startswith("velocity_mse_loss")})
+    assert loss_cases == ["velocity_mse_loss 1x3x4x6x9 fwd+bwd", "velocity_mse_loss 2x3x4x6x9 fwd+bwd"]
     assert all(r.p50_ms > 0 for r in rows)
 
     md = (tmp_path / "kernels_smoke.md").read_text()
@@ -58,8 +60,11 @@ def test_target_checks_say_met_or_not_met(monkeypatch):
 
     good = "\n".join(bench.target_checks(rows(1.08, 1.5, 4000.0), 4300.0, 4800.0))
     assert "= 1.080 (target <= 1.10: MET; FLOP ratio 1.125)" in good and "1.39x (target >= 1.3x: MET)" in good
-    assert "83% of the 4800 GB/s datasheet HBM bandwidth (target >= 80%: MET)" in good
+    assert "4000 GB/s of must-move bytes = 83% of the 4800 GB/s datasheet HBM bandwidth (target >= 80%: MET)" in good
+    assert "the kernels move 1.75x that: 7000 GB/s" in good and "for scale" not in good
     bad = "\n".join(bench.target_checks(rows(1.2, 1.5, 3000.0), 4300.0, 4800.0))
     assert "= 1.200 (target <= 1.10: NOT MET; FLOP ratio 1.125)" in bad and "1.25x (target >= 1.3x: NOT MET)" in bad
     assert "62% of the 4800 GB/s datasheet HBM bandwidth (target >= 80%: NOT MET)" in bad
     assert "no datasheet figure" in "\n".join(bench.target_checks(rows(1.0, 2.0, 1.0), 10.0, None))
+    batch8 = [bench.Row(loss.replace(" 1x", " 8x"), "fused", 0, 1.0, 0, 0, 4000.0, 0, "eager")]
+    assert "batch > 1: for scale, the target is stated at batch 1" in bench.target_checks(batch8, 4300.0, 4800.0)[0]
