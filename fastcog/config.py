@@ -113,7 +113,8 @@ class LoraConfig:
 class OptimConfig:
     name: str = "adamw"
     """`adamw`, `adam` (torch); `adamw8bit_bnb` (bitsandbytes AdamW8bit); `adamw8bit`, `adamw4bit`,
-    `adamw_fp8` (torchao low-bit AdamW); `prodigy` (prodigyopt; set lr: 1.0); `came` (came-pytorch)."""
+    `adamw_fp8` (torchao low-bit AdamW); `prodigy` (prodigyopt; set lr: 1.0; DDP, not FSDP, with
+    several ranks); `came` (came-pytorch)."""
     fused: bool = False
     """torch adamw / adam only: the fused single-kernel implementation (`fused=True`)."""
     cpu_offload: bool = False

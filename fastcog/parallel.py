@@ -139,6 +139,22 @@ def resolve_strategy(par: ParallelConfig, world: World) -> str:
 # has no DTensor sharding rule). torchao's CPUOffloadOptimizer is documented single-device.
 NOT_WITH_FSDP = {"came": "CAME", "adamw8bit_bnb": "bitsandbytes' AdamW8bit"}
 
+# Prodigy steps the shards, but wrongly: its step size D is a ratio of two sums over every trained
+# value, which prodigyopt 1.1.2 reads with .item(), and .item() of a DTensor is this rank's local
+# part (torch 2.13 dispatches _local_scalar_dense without a reduction). Measured on 2 CPU ranks
+# (tests/test_distributed.py::test_prodigy_refused_under_fsdp_and_equal_to_one_process_under_ddp):
+# after 12 steps the ranks held D = 5.36e-6 and 6.07e-6 where one process had 5.69e-6, and the exported
+# LoRA B differed from one process's by 0.7% to 4% (DDP: < 5e-6). prodigyopt's own all-reduce
+# (fsdp_in_use=True) is no way out: it puts its buffer on .cuda() (no CPU/gloo) and raises
+# UnboundLocalError on a step with lr 0 (the first warm-up step). Under DDP every rank holds whole
+# tensors and computes the D of one process.
+PRODIGY_UNDER_FSDP = (
+    "optim.name='prodigy' cannot run under FSDP: Prodigy's step size D comes from sums over all trained values, "
+    "but each rank would sum only its own shards (prodigyopt reads the sums with .item(), which on a sharded "
+    "DTensor is the local part), so every rank would step with a different D. Use parallel.strategy=ddp "
+    "(each rank holds the whole model, D is that of one process), or another optim.name"
+)
+
 
 def check_optimizer(o: OptimConfig, strategy: str) -> None:
     """Refuse optimizer settings that cannot step FSDP's sharded parameters, before any work."""
@@ -147,8 +163,10 @@ def check_optimizer(o: OptimConfig, strategy: str) -> None:
     if o.name in NOT_WITH_FSDP:
         raise ConfigError(
             f"optim.name={o.name!r} ({NOT_WITH_FSDP[o.name]}) cannot step FSDP's sharded parameters: use "
-            "parallel.strategy=ddp, or one of adamw, adam, adamw8bit, adamw4bit, adamw_fp8, prodigy"
+            "parallel.strategy=ddp, or one of adamw, adam, adamw8bit, adamw4bit, adamw_fp8"
         )
+    if o.name == "prodigy":
+        raise ConfigError(PRODIGY_UNDER_FSDP)
     if o.cpu_offload:
         raise ConfigError("optim.cpu_offload (torchao's CPUOffloadOptimizer) is single-device and cannot step "
                           "FSDP's sharded parameters: use parallel.strategy=ddp, or set optim.cpu_offload: false")

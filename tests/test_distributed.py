@@ -98,11 +98,13 @@ def env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def launch(raw: dict, name: str, nproc: int = 2, script: list[str] | None = None) -> subprocess.CompletedProcess:
+def launch(raw: dict, name: str, nproc: int = 2, script: list[str] | None = None,
+           succeed: bool = True) -> subprocess.CompletedProcess:
     cfg_path = write_config(raw, name)
     done = subprocess.run(torchrun_command(cfg_path, nproc, script), capture_output=True, text=True, env=env(),
                           timeout=LAUNCH_TIMEOUT_S)
-    assert done.returncode == 0, done.stderr[-4000:]
+    if succeed:
+        assert done.returncode == 0, done.stderr[-4000:]
     return done
 
 
@@ -212,6 +214,36 @@ def test_bf16_lora_under_fsdp(data, tmp_path):
     ref = in_process(raw_config(data, tmp_path / "one", **sections))
     launch(raw_config(data, tmp_path / "two", ranks=2, **sections), "bf16")
     assert_losses_close(losses(tmp_path / "two"), ref.losses, BF16_RTOL)
+
+
+def test_prodigy_refused_under_fsdp_and_equal_to_one_process_under_ddp(data, tmp_path):
+    """Prodigy's step size D comes from sums over every trained value. Under FSDP prodigyopt would sum
+    each rank's shards alone (see fastcog.parallel.PRODIGY_UNDER_FSDP), so fastcog refuses it before
+    any work; under DDP, the way out it names, 2 ranks train what one process trains.
+
+    The losses cannot tell a wrong D here: Prodigy starts at D = 1e-6 and its 12 steps move the loss
+    ~1e-9 relative whatever D is (with per-rank D under FSDP they still agree to 5e-9, measured).
+    LoRA B starts at zero, so the exported B is the sum of the steps and scales with D. Measured over
+    5-6 sessions (the tiny setup differs between them), as max |difference| / max |B| of a tensor:
+    DDP 6.5e-7 to 4.3e-6; FSDP with per-rank D (the refusal taken out) 6.8e-3 to 3.9e-2. The
+    tolerance, 1e-4, sits 23x above the first and 68x below the second.
+    """
+    from safetensors.torch import load_file
+
+    sections = {"optim": {"name": "prodigy", "lr": 1.0}, "checkpoint": {"every_steps": 0}}
+    refused = launch(raw_config(data, tmp_path / "fsdp", ranks=2, **sections), "fsdp", succeed=False)
+    assert refused.returncode != 0
+    assert "optim.name='prodigy' cannot run under FSDP" in refused.stderr and "parallel.strategy=ddp" in refused.stderr
+    assert not (tmp_path / "fsdp").exists()  # refused before the output folder was made
+
+    ref = in_process(raw_config(data, tmp_path / "one", **sections))
+    launch(raw_config(data, tmp_path / "ddp", ranks=2, parallel={"strategy": "ddp"}, **sections), "ddp")
+    assert_losses_close(losses(tmp_path / "ddp"), ref.losses, FP32_RTOL)
+    want, got = (load_file(str(tmp_path / run / "lora" / "pytorch_lora_weights.safetensors")) for run in ("one", "ddp"))
+    assert want.keys() == got.keys() and any(".lora_B." in key for key in want)
+    worst = max(float((got[key] - w).abs().max() / w.abs().max()) for key, w in want.items())
+    print(f"exported LoRA: largest difference {worst:.1e} of the tensor's largest value")
+    assert worst <= 1e-4, worst  # measured up to 4.3e-6; a per-rank D gives >= 6.8e-3
 
 
 def test_hsdp_on_four_ranks(data, tmp_path):
@@ -353,7 +385,7 @@ def test_strategy_follows_the_world_size():
 def test_optimizers_that_cannot_step_shards_are_refused_under_fsdp():
     from fastcog.config import OptimConfig
 
-    for name in ("came", "adamw8bit_bnb"):
+    for name in ("came", "adamw8bit_bnb", "prodigy"):
         with pytest.raises(ConfigError, match="parallel.strategy=ddp"):
             check_optimizer(OptimConfig(name=name), "fsdp")
         check_optimizer(OptimConfig(name=name), "ddp")
