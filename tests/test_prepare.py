@@ -103,6 +103,30 @@ def test_cache_key_changes_with_what_changes_the_content(tiny_checkpoint, mixed,
     assert all(names["base"].isdisjoint(other) for label, other in names.items() if label != "base")
 
 
+def test_same_clips_elsewhere_give_the_same_latents(tiny_checkpoint, mixed, tmp_path):
+    """The VAE sample and the random frame window are seeded from train.seed and the clip's path
+    under data_root, not from the cache key (absolute paths, mtimes): a copied or regenerated
+    dataset caches the same latents under other keys. A different train.seed draws others."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(mixed, copy, copy_function=shutil.copy)  # new mtimes
+    model = tiny_checkpoint("cogvideox-5b")
+
+    def latents(root: Path, name: str, seed: int = 0) -> tuple[list[str], list[torch.Tensor]]:
+        raw = raw_config(model, root, tmp_path / f"out-{name}", data={"cache_dir": str(tmp_path / f"cache-{name}"),
+                                                                      "sampling": "random"}, train={"seed": seed})
+        items = run_prepare(build(raw)).items
+        return [it.latents.name for it in items], [load_file(str(it.latents))["latents"] for it in items]
+
+    keys, here = latents(mixed, "here")
+    copy_keys, there = latents(copy, "there")
+    assert len(here) == 5 and set(keys).isdisjoint(copy_keys)  # other keys, so nothing was reused
+    assert all(torch.equal(a, b) for a, b in zip(here, there, strict=True))
+    _, reseeded = latents(mixed, "seed1", seed=1)
+    assert not any(torch.equal(a, b) for a, b in zip(here, reseeded, strict=True))
+
+
 def test_train_without_prepare_missing_requires_a_prepared_cache(tiny_checkpoint, mixed, tmp_path):
     raw = raw_config(tiny_checkpoint("cogvideox-5b"), mixed, tmp_path / "out", data={"prepare_missing": False})
     with pytest.raises(FastcogError, match="fastcog prepare"):

@@ -21,7 +21,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-CACHE_FORMAT = 1  # bump when the stored layout changes: old items are then simply not found
+# Bump when the stored layout or what an item holds changes: old items are then simply not found.
+# 2: the VAE sample / frame-window seed depends on the clip's path under data_root, not on the key.
+CACHE_FORMAT = 2
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,20 @@ def _digest(*parts: Any) -> str:
 def _file_identity(path: Path) -> list[Any]:
     st = path.stat()
     return [str(path.resolve()), st.st_size, st.st_mtime_ns]
+
+
+def item_seed(spec: CacheSpec, video: Path, data_root: Path) -> int:
+    """The seed of a clip's VAE sample and `random` frame window.
+
+    From train.seed and the clip's path relative to data_root (its name when it lies outside),
+    never from the cache key: the key holds absolute paths and mtimes (right for invalidation),
+    which made the same dataset copied elsewhere, or regenerated, draw other latents.
+    """
+    try:
+        name = video.resolve().relative_to(data_root.resolve()).as_posix()
+    except ValueError:
+        name = video.name
+    return int(_digest("item-seed", name, spec.seed)[:15], 16)
 
 
 def video_key(spec: CacheSpec, video: Path) -> str:

@@ -32,6 +32,7 @@ from fastcog.data.cache import (
     CacheSpec,
     Encoder,
     image_key,
+    item_seed,
     model_fingerprint,
     prompt_key,
     save_atomic,
@@ -48,6 +49,7 @@ class PlannedItem:
     sample: Sample
     spec: CacheSpec
     paths: CachedItem
+    seed: int  # VAE sample and frame window (cache.item_seed)
 
     def missing(self) -> list[Path]:
         return [p for p in (self.paths.latents, self.paths.prompt_embeds, self.paths.image)
@@ -82,10 +84,6 @@ def buckets_for(cfg: Config) -> list[Bucket]:
     return [tuple(b) for b in d.buckets] if d.buckets else [(d.num_frames, d.height, d.width)]
 
 
-def _item_seed(key: str, seed: int) -> int:
-    return (int(key[:12], 16) + seed) % (2**63 - 1)
-
-
 def plan(cfg: Config, samples: Sequence[Sample], need_images: bool) -> tuple[list[PlannedItem], list[dict]]:
     """Bucket and key every sample. Clips that cannot even be probed are failures."""
     from fastcog.data.video import probe_video
@@ -116,7 +114,7 @@ def plan(cfg: Config, samples: Sequence[Sample], need_images: bool) -> tuple[lis
             prompt_embeds=cache_dir / "prompts" / f"{prompt_key(spec, sample.caption)}.safetensors",
             image=image, bucket=bucket,
         )
-        planned.append(PlannedItem(index, sample, spec, paths))
+        planned.append(PlannedItem(index, sample, spec, paths, item_seed(spec, sample.video, Path(d.data_root))))
     return planned, failures
 
 
@@ -137,7 +135,7 @@ class _DecodeJobs(torch.utils.data.Dataset):
         out: dict = {"i": i}
         try:
             if not paths.latents.is_file():
-                rng = torch.Generator().manual_seed(_item_seed(paths.latents.stem, spec.seed))
+                rng = torch.Generator().manual_seed(item.seed)
                 out["frames"] = decode_video(sample.video, spec.num_frames, spec.height, spec.width,
                                              spec.sampling, spec.resize, rng=rng)
             if paths.image is not None and not paths.image.is_file():
@@ -197,8 +195,8 @@ def prepare(
                 continue
             paths, spec = item.paths, item.spec
             if "frames" in job:
-                seed = _item_seed(paths.latents.stem, spec.seed)
-                save_atomic({"latents": encoder.encode_video(job["frames"], spec.latent_mode, seed)}, paths.latents)
+                latents = encoder.encode_video(job["frames"], spec.latent_mode, item.seed)
+                save_atomic({"latents": latents}, paths.latents)
             if not paths.prompt_embeds.is_file():
                 save_atomic({"prompt_embeds": encoder.encode_prompt(item.sample.caption)}, paths.prompt_embeds)
             if "image" in job:
