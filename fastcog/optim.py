@@ -26,6 +26,9 @@ torchao's low-bit optimizers keep each group's lr as a 0-dim tensor (a float wou
 their compiled step and recompile it at every LR change); the schedule fills it in place, and
 `get_last_lr()` returns tensors for them: callers take float().
 
+Under FSDP the torchao optimizers step each rank's shard, the size thresholds above applying to the
+shard, and compile their step without the on-disk AOTAutograd cache (`_without_autograd_cache`).
+
 Checkpoints: every optimizer's state_dict() survives torch.save / torch.load(weights_only=False) and
 continues bit-identically, torchao's tensor-subclass states included (tests/test_optim.py).
 """
@@ -53,6 +56,9 @@ OPTIMIZER_CLASSES: dict[str, tuple[str, str, str]] = {
     "prodigy": ("prodigyopt", "Prodigy", "prodigyopt"),
     "came": ("came_pytorch", "CAME", "came-pytorch"),
 }
+
+# torchao's low-bit AdamWs: their step is compiled (see _without_autograd_cache for FSDP).
+TORCHAO_LOW_BIT = ("adamw8bit", "adamw4bit", "adamw_fp8")
 
 # Prodigy estimates the step size D itself and multiplies it by lr: lr outside this range is
 # almost certainly an AdamW learning rate carried over (2e-5 would make every step ~50,000x too small).
@@ -120,6 +126,7 @@ def _check_offload_params(params: list[torch.nn.Parameter]) -> None:
 def build_optimizer(cfg: Config, params: list[torch.nn.Parameter], total_steps: int) -> tuple[Any, Any]:
     """(optimizer, diffusers LR schedule) for the trainable params."""
     from diffusers.optimization import get_scheduler
+    from torch.distributed.tensor import DTensor
 
     o = cfg.optim
     check_optimizer_available(cfg)
@@ -127,6 +134,8 @@ def build_optimizer(cfg: Config, params: list[torch.nn.Parameter], total_steps: 
         _check_offload_params(params)
     cls = optimizer_class(o)
     warn_prodigy_lr(o)
+    if o.name in TORCHAO_LOW_BIT and any(isinstance(p, DTensor) for p in params):
+        cls = _without_autograd_cache(cls)
     if o.cpu_offload:
         optimizer = _offloaded(cls, params, optimizer_kwargs(o))
     else:
@@ -139,6 +148,37 @@ def build_optimizer(cfg: Config, params: list[torch.nn.Parameter], total_steps: 
         num_training_steps=total_steps, num_cycles=o.lr_num_cycles, power=o.lr_power,
     )
     return optimizer, lr_scheduler
+
+
+def _without_autograd_cache(cls: type[torch.optim.Optimizer]) -> type[torch.optim.Optimizer]:
+    """`cls` (a torchao low-bit AdamW) whose step compiles without torch's on-disk AOTAutogradCache.
+
+    torchao compiles its per-tensor step. Under FSDP2 each state is a DTensor around a quantised
+    tensor subclass, and the cache key torch 2.13 derives for a DTensor input is its spec alone (mesh,
+    placements, global shape, stride, dtype: DTensor._stable_hash_for_caching), not what the local
+    tensor is. The states of AdamW8bit, AdamW4bit and AdamWFp8 for the same parameters have equal
+    specs, so a process loads from the cache (TORCHINDUCTOR_CACHE_DIR, by default
+    /tmp/torchinductor_<user>, shared by every run on the machine) the step an earlier run compiled
+    for another class. Measured on 2 CPU ranks (tests/test_distributed.py::
+    test_torchao_low_bit_optimizers_under_fsdp_equal_one_process): adamw4bit after adamw8bit, and
+    adamw_fp8 after either, crash in the cached step; adamw8bit after adamw_fp8 runs it on its 8-bit
+    codes without an error and trains wrongly (exported LoRA B 2.7e-2 off one process in mean
+    |difference| / mean |B|, where the right step is <= 4.5e-5 off and a 1% larger lr 1.0e-2).
+    Without the AOTAutograd cache each new process traces the step again for each tensor shape (the
+    inductor output is still cached, under a key from the traced graph, which has the inner tensors):
+    with the tiny test model's 2 shapes a 2-rank CPU run took 12 s instead of 8.6 s (warm caches).
+    Plain states (one process, DDP) are keyed by their inner tensors, which differ between the
+    classes: they keep the cache.
+    """
+    import torch._functorch.config as functorch_config
+
+    class WithoutAutogradCache(cls):  # type: ignore[misc, valid-type]
+        def step(self, closure: Any = None) -> Any:
+            with functorch_config.patch(enable_autograd_cache=False):
+                return super().step(closure)
+
+    WithoutAutogradCache.__name__ = WithoutAutogradCache.__qualname__ = cls.__name__
+    return WithoutAutogradCache
 
 
 def _offloaded(cls: type[torch.optim.Optimizer], params: list[torch.nn.Parameter],

@@ -246,6 +246,53 @@ def test_prodigy_refused_under_fsdp_and_equal_to_one_process_under_ddp(data, tmp
     assert worst <= 1e-4, worst  # measured up to 4.3e-6; a per-rank D gives >= 6.8e-3
 
 
+def test_torchao_low_bit_optimizers_under_fsdp_equal_one_process(data, tmp_path, monkeypatch):
+    """adamw_fp8, adamw8bit, adamw4bit (torchao) on 2 FSDP ranks train what one process trains.
+
+    LoRA rank 256: each rank's shard of a LoRA tensor (inner dim 32) then holds 4096 values, the least
+    torchao quantises (smaller ones keep fp32 states), and is whole quantisation blocks (256 or 128
+    values) of the tensor, so both runs quantise the same blocks. At rank 128 the shards keep fp32
+    states where one process quantises, and the losses differ by 3.0e-7 (measured). The three runs
+    share one fresh TORCHINDUCTOR_CACHE_DIR in this order: adamw8bit finds adamw_fp8's compiled step
+    there, under the same cache key (fastcog.optim._without_autograd_cache); with that cache in use it
+    ran that step on its 8-bit codes without an error (losses 2.5e-7 off, LoRA 2.7e-2 off in the
+    measure below), and adamw4bit crashed.
+
+    Measured over 3 seeds x 3 optimizers. Low-bit states turn the ~1e-7 rounding differences of two
+    ranks into a few flipped codes, which move single values (max |difference| / max |B| of a tensor
+    up to 1.3e-1 for FSDP and DDP alike, where a 1% larger lr gives 2.5e-1), so the LoRA is compared by
+    mean |difference| / mean |B| of each B tensor (B starts at zero: it is what training wrote):
+      largest relative loss difference    FSDP 3.4e-9 to 7.0e-9 (DDP 3.3e-9 to 7.4e-9, fp32 adamw under
+                                          FSDP 3.7e-9 to 6.6e-9); lr 1% larger 5.3e-6 to 8.6e-6
+      worst B, mean |diff| / mean |B|     FSDP 1.6e-6 to 4.5e-5 (DDP 2.0e-6 to 4.5e-5, fp32 adamw under
+                                          FSDP 1.8e-7 to 2.0e-7); lr 1% larger 1.0e-2; fp32 states
+                                          (adamw) instead of low-bit 1.2e-2 to 2.8e-1
+    Tolerances: losses 1e-7 (14x above, 53x below), LoRA 5e-4 (11x above, 20x below).
+    """
+    from safetensors.torch import load_file
+
+    def worst_b(run: str, ref: str) -> float:
+        got, want = (load_file(str(tmp_path / r / "lora" / "pytorch_lora_weights.safetensors")) for r in (run, ref))
+        keys = [key for key in want if ".lora_B." in key]
+        assert keys and got.keys() == want.keys()
+        return max(float((got[k] - want[k]).abs().mean() / want[k].abs().mean()) for k in keys)
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    sections = {"lora": {"rank": 256}, "checkpoint": {"every_steps": 0}}
+    in_process(raw_config(data, tmp_path / "adamw", **sections))
+    for name in ("adamw_fp8", "adamw8bit", "adamw4bit"):
+        optim = {"optim": {"name": name}}
+        ref = in_process(raw_config(data, tmp_path / f"{name}-one", **sections, **optim))
+        # The states were quantised: fp32 states train measurably otherwise (measured 1.2e-2 to 2.8e-1),
+        # so FSDP keeping fp32 states on its shards would fail the comparison below.
+        assert worst_b(f"{name}-one", "adamw") > 5e-3, name
+        launch(raw_config(data, tmp_path / f"{name}-fsdp", ranks=2, **sections, **optim), name)
+        assert_losses_close(losses(tmp_path / f"{name}-fsdp"), ref.losses, 1e-7)
+        worst = worst_b(f"{name}-fsdp", f"{name}-one")
+        print(f"{name}: exported LoRA B, worst mean |difference| / mean |B| {worst:.1e}")
+        assert worst <= 5e-4, (name, worst)
+
+
 def test_hsdp_on_four_ranks(data, tmp_path):
     """parallel.replicate_degree=2: a 2 x 2 mesh (replicate x shard), with activation checkpointing
     inside each sharded block; 4 ranks x batch 1 against one process x batch 4."""
