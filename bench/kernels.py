@@ -17,8 +17,10 @@ dL/dv_hat once); that is its GB/s. The fused kernels move 7 (the backward reads 
 inputs again rather than keeping a full-size temporary), so the target line prints that figure
 too. At the issue's batch 1 the latents are 2.2 MB each in bf16: the whole case is a few
 microseconds, near launch latency, and the backward's re-reads can hit the 50 MB L2. The extra
-batches of ``--loss-batches`` show the bandwidth once the launches are amortised. Writes ``kernels[_smoke].csv`` and
-``kernels[_smoke].md`` (hardware, torch / triton versions, date) to ``--out``.
+batches of ``--loss-batches`` show the bandwidth once the launches are amortised.
+
+Writes ``kernels[_smoke].csv`` and ``kernels[_smoke].md`` (hardware, torch / triton versions,
+date) to ``--out``.
 
 ``--smoke``: tiny shapes on CPU through the Triton interpreter with a wall-clock timer; it
 checks that the script and every variant run. CPU smoke numbers are NOT performance claims.
