@@ -58,7 +58,7 @@ OPTIMIZER_CLASSES: dict[str, tuple[str, str, str]] = {
 }
 
 # torchao's low-bit AdamWs: their step is compiled (see _without_autograd_cache for FSDP).
-TORCHAO_LOW_BIT = ("adamw8bit", "adamw4bit", "adamw_fp8")
+TORCHAO_LOW_BIT = tuple(name for name, (module, _, _) in OPTIMIZER_CLASSES.items() if module == "torchao.optim")
 
 # Prodigy estimates the step size D itself and multiplies it by lr: lr outside this range is
 # almost certainly an AdamW learning rate carried over (2e-5 would make every step ~50,000x too small).

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from fastcog.config import OptimConfig, ParallelConfig
+from fastcog.config import OPTIMIZERS, OptimConfig, ParallelConfig
 from fastcog.errors import ConfigError
 
 
@@ -154,6 +154,7 @@ PRODIGY_UNDER_FSDP = (
     "DTensor is the local part), so every rank would step with a different D. Use parallel.strategy=ddp "
     "(each rank holds the whole model, D is that of one process), or another optim.name"
 )
+REFUSED_UNDER_FSDP = {*NOT_WITH_FSDP, "prodigy"}
 
 
 def check_optimizer(o: OptimConfig, strategy: str) -> None:
@@ -163,7 +164,7 @@ def check_optimizer(o: OptimConfig, strategy: str) -> None:
     if o.name in NOT_WITH_FSDP:
         raise ConfigError(
             f"optim.name={o.name!r} ({NOT_WITH_FSDP[o.name]}) cannot step FSDP's sharded parameters: use "
-            "parallel.strategy=ddp, or one of adamw, adam, adamw8bit, adamw4bit, adamw_fp8"
+            f"parallel.strategy=ddp, or one of {', '.join(n for n in OPTIMIZERS if n not in REFUSED_UNDER_FSDP)}"
         )
     if o.name == "prodigy":
         raise ConfigError(PRODIGY_UNDER_FSDP)
