@@ -2,7 +2,7 @@
 # fastcog on SLURM: one torchrun per node (srun), which starts one worker per GPU; the nodes
 # meet at a c10d rendezvous on the first node of the allocation.
 #
-#   sbatch --nodes 2 docs/slurm_train.sh configs/t2v_h100.yaml --set train.output_dir=/shared/runs/t2v
+#   sbatch --nodes 2 docs/slurm_train.sh configs/t2v_h100.yaml --set train.output_dir=/scratch/runs/t2v
 #
 # Everything after the config is passed to `fastcog train` (--set overrides). The weights are
 # sharded within a node and replicated across nodes (HSDP: parallel.replicate_degree = nodes);

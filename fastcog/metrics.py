@@ -1,6 +1,6 @@
 """FLOP model, MFU, memory and the per-step metrics sinks (metrics.jsonl, tensorboard, wandb).
 
-FLOP convention (DESIGN.md): model FLOPs only, recompute not counted.
+FLOP convention (docs/design.md): model FLOPs only, recompute not counted.
   linear forward      2 * N * P_lin          (P_lin: token-wise linear weights of the blocks)
   linear backward     2 * N * P_lin          activation grads only when the base is frozen;
                       + 2 * N * P_lin        weight grads as well for full fine-tuning

@@ -1,6 +1,6 @@
 """Triton kernels (fastcog.kernels): fused LoRA linear and fused diffusion objective.
 
-Public API (DESIGN.md "Interfaces"):
+Public API (docs/design.md, "Interfaces"):
 
 * ``lora_linear(x, weight, bias, lora_a, lora_b, scale)``
 * ``add_noise(latents, noise, timesteps, alphas_cumprod)``

@@ -1,6 +1,6 @@
 """Fused diffusion objective kernels: forward noising and the v-prediction MSE loss.
 
-Math (REFERENCE.md objective steps 4 and 8), per sample b with abar = alphas_cumprod[t_b]::
+Math (docs/reference.md, objective steps 4 and 8), per sample b with abar = alphas_cumprod[t_b]::
 
     add_noise          x_t = sqrt(abar) z0 + sqrt(1 - abar) eps
     velocity_mse_loss  z0_hat = sqrt(abar) x_t - sqrt(1 - abar) v_hat
@@ -27,8 +27,8 @@ than saving a full-size fp32 temporary from the forward.
 
 Block sizes: BLOCK = 2048 elements per program for the elementwise / partial-sum kernels,
 1024 for the final reduction (one fixed choice, also under the interpreter; a fixed size
-keeps the partial layout, hence the bits of the loss, independent of tuning). Chosen, NOT
-swept or measured on a GPU (no GPU in the session that wrote this).
+keeps the partial layout, hence the bits of the loss, independent of tuning). Chosen, not
+swept.
 
 Layers: ``_*_kernel`` (Triton) -> ``launch_*`` (launchers) -> custom ops with fake impls and
 registered autograd (torch.compile traces through without a graph break) -> public functions.

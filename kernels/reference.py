@@ -102,7 +102,7 @@ def velocity_mse_loss_reference(
     timesteps: torch.Tensor,
     alphas_cumprod: torch.Tensor,
 ) -> torch.Tensor:
-    """REFERENCE.md objective step 8, exactly as the reference trainer computes it.
+    """Objective step 8 of docs/reference.md, exactly as the reference trainer computes it.
 
     ``z0_hat = scheduler.get_velocity(v_hat, x_t, t)`` (alphas_cumprod cast to v_hat's dtype
     first); ``w = 1 / (1 - alphas_cumprod[t])`` in alphas_cumprod's own dtype (float64 from
@@ -137,7 +137,7 @@ def velocity_mse_loss_reference_fp64(
 
 
 def cogvideox_alphas_cumprod(snr_shift_scale: float = 3.0, steps: int = 1000) -> torch.Tensor:
-    """alphas_cumprod of CogVideoXDPMScheduler as REFERENCE.md describes it (float64, [steps]).
+    """alphas_cumprod of CogVideoXDPMScheduler as docs/reference.md describes it (float64, [steps]).
 
     scaled_linear betas 0.00085..0.012 (float64), the SNR shift ``abar / (s + (1 - s) abar)``,
     then the zero-terminal-SNR rescale, in diffusers' order. Test and benchmark inputs only;

@@ -1,6 +1,6 @@
 """The fast path against the reference path on tiny checkpoints of every variant.
 
-Model-level parity (DESIGN.md "Testing"): the same seed, data and schedule through the real
+Model-level parity (docs/design.md, "Testing"): the same seed, data and schedule through the real
 trainer, once as the reference runs it and once with fastcog's patches (Triton kernels under
 the interpreter, fastcog's attention processor, each checkpointing policy, compile on and
 off); per-step losses and the final LoRA weights must agree.
@@ -10,10 +10,9 @@ Tolerances (fp32 everywhere, so the paths differ only by summation order):
   kernels vs cuBLAS-style CPU GEMMs and a float64 vs fp32 loss) growing to ~3e-7 by step 20
   as the optimizer carries the differences forward.
 * per-step pre-clip gradient norm: 2e-5 relative. Measured: about 1e-7.
-* final LoRA weights: max |a - b| <= 1e-4 * max |a|. Measured: about 1e-6 eager and compiled
-  in a fresh process; an earlier full-suite run measured 1.6e-5 for the compiled cases (cause not
-  found), which the tolerance leaves room for. On 2026-11-25 it did not recur: at most 1.04e-6
-  inside the full suite, 2.1e-6 for this file alone.
+* final LoRA weights: max |a - b| <= 1e-4 * max |a|. Measured: about 1e-6 to 2e-6, eager and
+  compiled; a full-suite run once gave 1.6e-5 for the compiled cases (cause not found), which
+  the tolerance leaves room for.
 `test_parity_check_detects_a_different_run` shows the gradient norm and LoRA checks fail for a
 run whose LoRA alpha differs by 1% (measured: gradient norm 1e-2, LoRA 1.4e-3 relative).
 """

@@ -171,7 +171,7 @@ def test_tiny_scheduler_matches_the_reference(tiny: dict[str, Path], variant: st
 
     # scaled_linear 0.00085..0.012, the SNR shift abar / (s + (1 - s) abar), then the
     # zero-terminal-SNR rescale, in the order diffusers' CogVideoXDPMScheduler applies them
-    # (REFERENCE.md lists the two steps in the other order; for s = 1 the order does not matter).
+    # (docs/reference.md, "Scheduler and objective"; for s = 1 the order does not matter).
     betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
     abar0 = torch.cumprod(1 - betas, 0)
     abar0 = abar0 / (s + (1 - s) * abar0)

@@ -110,7 +110,7 @@ def build_report(args: argparse.Namespace, argv: list[str], bench: Bench, result
         "gradient_accumulation": "1 micro-batch per optimizer step (accumulation only repeats forward+backward)",
         "latent_shape_per_sample": list(bench.latent_shape), "video_tokens_per_sample": bench.video_tokens,
         "text_tokens_per_sample": bench.text_tokens, "model_flops_per_sample": bench.flops_per_sample,
-        "flop_convention": "DESIGN.md: model FLOPs of forward + backward, recompute not counted",
+        "flop_convention": "docs/design.md: model FLOPs of forward + backward, recompute not counted",
         "peak_flops_per_s": bench.peak_flops,
         "inputs": "random latents, prompt embeddings (and I2V images) from a seeded host generator; batch k and "
                   "torch.manual_seed(seed + k) at step k in every path",

@@ -11,13 +11,12 @@ per tensor.
 Shapes: hidden_states [B, N, D] video tokens, encoder_hidden_states [B, L, D] text tokens,
 S = L + N; q, k, v [B, H, S, hd] for SDPA, [B, S, H, hd] for the flash-attn libraries.
 
-Attention is about 60% of a 5B training step's FLOPs (DESIGN.md), so the backend decides the
+Attention is about 60% of a 5B training step's FLOPs (docs/design.md), so the backend decides the
 step time. `auto` picks per device: on Hopper (sm90) FlashAttention-3 when
 `flash_attn_interface` is installed, else cuDNN attention; on Ampere/Ada flash-attn 2 when
 installed, else SDPA's flash kernel; otherwise memory-efficient SDPA; on CPU, SDPA's own
-choice. Not measured yet on a GPU (no GPU in the session that wrote this): the order
-follows the published FA3 / cuDNN 9 results for head_dim 64, and bench/throughput.py's
-ablation is the place to confirm it.
+choice. The order follows the published FA3 / cuDNN 9 results for head_dim 64;
+bench/throughput.py's ablation compares the backends on the GPU at hand.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ H heads; bytes in the compute dtype):
   block is run again in backward. The reference trainer's gradient checkpointing.
 * `selective`: the block's inputs plus the attention outputs [B, H, S, hd] and their
   log-sum-exp [B, H, S] (fp32): in backward the linears and pointwise ops are recomputed
-  but attention, the most expensive op (about 60% of the FLOPs, DESIGN.md), is not.
+  but attention, the most expensive op (about 60% of the FLOPs, docs/design.md), is not.
 * `auto`: the fastest policy (none, then selective, then full) whose estimated peak fits in
   the device's memory minus what is already allocated, the optimizer's and gradients'
   expected bytes, and `fast.memory_margin_gb`.

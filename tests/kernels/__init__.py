@@ -1,6 +1,6 @@
 """Parity suite for fastcog.kernels: the tolerance table and the comparison helpers.
 
-Parity rule (DESIGN.md "Testing"): every kernel output is compared with a float64 ground
+Parity rule (docs/design.md, "Testing"): every kernel output is compared with a float64 ground
 truth computed from the *same* (already rounded) inputs.
 
 * fp32 outputs: relative error at most ``floor`` (1e-5, "tight").

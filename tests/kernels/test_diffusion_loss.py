@@ -111,7 +111,7 @@ def test_extreme_timesteps():
 
 def test_loss_equals_velocity_form():
     """Algebra check of the formula itself: with x_t from add_noise, the loss is the plain
-    MSE between v_hat and v = sqrt(abar) eps - sqrt(1 - abar) z0 (REFERENCE.md step 8)."""
+    MSE between v_hat and v = sqrt(abar) eps - sqrt(1 - abar) z0 (docs/reference.md, objective step 8)."""
     z0, eps, v_hat, t, abar = _inputs((3, 4, 5, 6), torch.float32)
     x_t = add_noise(z0, eps, t, abar)
     ab = abar[t].view(-1, 1, 1, 1)
