@@ -7,7 +7,7 @@
 # Stages, in the order given (default: tests kernels 2b 5b):
 #   tests    pytest -m gpu tests/kernels: the kernel parity suite natively at real shapes
 #   gputests pytest -m gpu tests: every GPU-marked test (kernels included)
-#   kernels  bench/kernels.py: fused kernels vs eager vs torch.compile
+#   kernels  bench/kernel_bench.py: fused kernels vs eager vs torch.compile
 #   sweep    bench/kernel_sweep.py: block-size sweep of the fused LoRA GEMM (16 candidates x every
 #            launch of 3 shapes; prints the recommended _CONFIGS for kernels/lora_linear.py)
 #   2b | 5b  bench/throughput.py, cogvideox-2b / cogvideox-5b, LoRA r=128, 49x480x720, batch 1, with
@@ -132,7 +132,7 @@ main() {
     case $stage in
       tests) run_stage tests "$RESULTS/pytest_gpu_kernels.log" "$PY" -m pytest -m gpu tests/kernels -q -rs ;;
       gputests) run_stage gputests "$RESULTS/pytest_gpu_all.log" "$PY" -m pytest -m gpu tests -q -rs ;;
-      kernels) run_stage kernels "$RESULTS/kernels_stdout.log" "$PY" bench/kernels.py --out "$RESULTS" ;;
+      kernels) run_stage kernels "$RESULTS/kernels_stdout.log" "$PY" bench/kernel_bench.py --out "$RESULTS" ;;
       sweep) run_stage sweep "$RESULTS/kernel_sweep_stdout.log" "$PY" bench/kernel_sweep.py --out "$RESULTS" ;;
       2b) throughput 2b cogvideox-2b 49 480 720 ;;
       5b) throughput 5b cogvideox-5b 49 480 720 ;;

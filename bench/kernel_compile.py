@@ -17,7 +17,7 @@ reports:
 * whether the K loop is software-pipelined (``cp.async`` / bulk copies in the PTX).
 
 This is a static check: it says a config can run well, never how fast it runs. The block
-size sweep itself (bench/kernels.py --sweep) needs the GPU; this prunes its candidates and
+size sweep itself (bench/kernel_bench.py --sweep) needs the GPU; this prunes its candidates and
 keeps CI honest about native compilation.
 
     python bench/kernel_compile.py                       # sm_90, every case, every config

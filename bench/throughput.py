@@ -9,15 +9,17 @@ What runs, with the same seeds, inputs, timesteps and noise in every path:
 * ``reference``  the reference trainer's path: diffusers' CogVideoX transformer with random weights
   of the variant's real architecture (or ``--checkpoint``), frozen weights kept in fp32 under
   ``model.dtype`` autocast, peft LoRA adapters in fp32, diffusers' gradient checkpointing on every
-  block, diffusers' default attention processor (SDPA), torch AdamW, the reference objective. None
-  of fastcog's fast-path code is involved.
+  block, diffusers' default attention processor (SDPA), torch AdamW, the reference objective. As
+  accelerate runs the reference, only the transformer forward autocasts and its output is used in
+  fp32; the latents are noised in the compute dtype and the I2V image in fp32. None of fastcog's
+  fast-path code is involved.
 * ``fastcog``    the fastcog path the config describes (``fast:``, ``train.activation_checkpointing``,
   ``optim.name`` / ``optim.fused``, frozen weights stored in ``model.dtype``), built with
   ``fastcog.fast.apply_fast_path``, ``fastcog.objective.make_objective``, ``fastcog.optim.build_optimizer``.
 * ``--ablation`` the reference path plus exactly one of fastcog's switches, one row per switch that
   the fastcog config turns on. A row that raises is recorded as ``failed: <error>``.
 
-Every path executes the same step: forward under autocast, backward, clip, optimizer step, LR step,
+Every path executes the same step: forward (transformer under autocast), backward, clip, optimizer step, LR step,
 zero_grad. Step k of every path starts from ``torch.manual_seed(seed + k)`` and batch k, so both
 paths draw the same timesteps and noise, and every path starts from the same weights: the base
 weights from one seeded initialisation (cast to the path's storage dtype), the LoRA adapters
@@ -26,7 +28,7 @@ copied from the reference path's.
 Timing: the device is synchronised around every step; the warm-up steps are excluded from p10 /
 p50 / p90 and reported apart as "warm-up s" (their time minus as many steady-state p50 steps: the
 compile, autotune and allocator warm-up). Throughput uses the p50 step time. Model FLOPs follow
-DESIGN.md (fastcog.metrics.transformer_flops_per_sample: recompute not counted), the same count for
+docs/design.md (fastcog.metrics.transformer_flops_per_sample: recompute not counted), the same count for
 every path, so TFLOP/s ratios equal speedups; MFU divides by the GPU's dense bf16 peak from
 fastcog.metrics' table. Peak memory is torch.cuda's max allocated / reserved, reset after the
 path's model is built (so it is the training peak, weights included); it is not measured on CPU.

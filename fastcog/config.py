@@ -86,10 +86,13 @@ class DataConfig:
     """DataLoader workers decoding clips for `fastcog prepare` (0 = in the main process)."""
     cache_dir: str | None = None
     """Where encoded latents and text embeddings go; default `<data_root>/.fastcog_cache`."""
-    vae_slicing: bool = False
-    """Encode a batch one sample at a time (less memory)."""
-    vae_tiling: bool = False
-    """Encode in spatial tiles (much less memory at high resolution, slightly different latents)."""
+    vae_slicing: bool = True
+    """VAE encodes a batch one sample at a time (less memory), for caching and the per-step I2V
+    image encode; on by default, as the reference trainer."""
+    vae_tiling: bool = True
+    """VAE encodes in spatial tiles (much less memory at high resolution; slightly different
+    latents once a frame exceeds the tile, 240 x 360 for the released VAEs), for caching and the
+    per-step I2V image encode; on by default, as the reference trainer."""
     num_workers: int = 0
     """DataLoader worker processes for reading cached latents."""
     pin_memory: bool = True

@@ -108,6 +108,17 @@ def load_components(
     return comps
 
 
+def set_vae_memory_options(vae: Any, slicing: bool, tiling: bool) -> None:
+    """data.vae_slicing / data.vae_tiling, for caching and for the per-step I2V image encode.
+
+    Both default to on, as the reference trainer runs. Tiling changes the latents slightly once
+    a frame exceeds the VAE's tile (half its configured sample size: 240 x 360 for the released
+    VAEs, so 480 x 720 is tiled); slicing only bounds memory for batches of more than one clip.
+    """
+    (vae.enable_slicing if slicing else vae.disable_slicing)()
+    (vae.enable_tiling if tiling else vae.disable_tiling)()
+
+
 # --------------------------------------------------------------------------------------------
 # Tiny random checkpoints
 # --------------------------------------------------------------------------------------------
@@ -158,6 +169,26 @@ def tiny_transformer_config(variant: str, height: int, width: int, frames: int) 
     return cfg
 
 
+def tiny_vae_config(variant: str) -> dict[str, Any]:
+    """A tiny VAE of the real structure (4 blocks: 8x spatial, 4x temporal compression).
+
+    Its configured sample size sets the encode tiles to 48 x 40 px, stepped by 40 x 32 px: like
+    the released VAEs' 240 x 360 tiles (stepped by 200 x 288), every tile edge falls on the 8 px
+    latent grid, so tiled encoding (on by default) gives H/8 x W/8 latents at any multiple of 16,
+    and the tiny frames (64 x 96 and up) are really tiled.
+    """
+    return dict(
+        block_out_channels=(16, 16, 16, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        latent_channels=16,
+        sample_height=96,
+        sample_width=80,
+        scaling_factor=VAE_SCALING.get(variant, 0.7),
+        invert_scale_latents=variant in INVERT_SCALE_LATENTS,
+    )
+
+
 def make_tiny(
     variant: str, out_dir: str | Path, seed: int = 0, height: int = 64, width: int = 96, frames: int = 9
 ) -> Path:
@@ -185,16 +216,7 @@ def make_tiny(
     transformer = CogVideoXTransformer3DModel(**tcfg)
     # Zero-initialised output projections would make every LoRA gradient vanish; diffusers
     # initialises with small random weights already, so the tiny model trains like the real one.
-    vae = AutoencoderKLCogVideoX(
-        block_out_channels=(16, 16, 16, 16),  # 4 blocks: 8x spatial, 4x temporal, as the real VAE
-        layers_per_block=1,
-        norm_num_groups=4,
-        latent_channels=16,
-        sample_height=height,
-        sample_width=width,
-        scaling_factor=VAE_SCALING.get(variant, 0.7),
-        invert_scale_latents=variant in INVERT_SCALE_LATENTS,
-    )
+    vae = AutoencoderKLCogVideoX(**tiny_vae_config(variant))
     tokenizer = _tiny_tokenizer(tcfg["max_text_seq_length"])
     text_encoder = T5EncoderModel(
         T5Config(

@@ -1,29 +1,35 @@
-"""The diffusion training objective (REFERENCE.md, "Scheduler and objective").
+"""The diffusion training objective (docs/reference.md, "Scheduler and objective").
 
-`ReferenceObjective` computes the loss exactly as the reference trainer's `compute_loss` does,
-with the diffusers scheduler's own `add_noise` / `get_velocity` and the global RNG, so that its
-losses are the parity target for every faster path. The RNG draws happen in one fixed order
-(I2V: image-noise sigma, image noise, VAE sample; then timesteps; then latent noise); a
-fused objective must make the same draws in the same order to give the same loss.
+One `Objective` computes the loss as the reference trainer's `compute_loss` does: the same RNG
+draws in one fixed order (I2V: image-noise sigma, image noise, VAE sample; then timesteps; then
+latent noise), the same conditioning, the same precision. The two elementwise steps, the
+noising and the velocity loss, come from an `ObjectiveOps`: `REFERENCE_OPS` (the diffusers
+scheduler's own `add_noise` / `get_velocity`, the parity target) or `fused_ops()` (the fused
+loss kernel, `fastcog.fast.objective`). Same inputs, same draws, so the same loss.
+
+Precision, as the reference runs it: only the transformer forward runs under autocast, and its
+output is used in fp32 (accelerate converts a wrapped model's outputs to fp32), so the loss is
+never computed on a bf16 prediction; fed one, diffusers' `get_velocity` would round
+`alphas_cumprod` to bf16, and at t = 0, 1 abar becomes 1.0, the loss and its gradient exactly 0.
+Noising runs in the latents' dtype, outside autocast, as in the reference.
 
 Batch layout (what the data pipeline yields):
-  latents        [B, C, F, H, W]  VAE latents, already multiplied by the VAE scaling factor
+  latents        [B, C, F, H, W]  VAE latents in the compute dtype, already scaled by the VAE factor
   prompt_embeds  [B, L, D]        T5 embeddings, padded to the transformer's max_text_seq_length
-  images         [B, 3, H*8, W*8] I2V only: the conditioning image in [-1, 1]
+  images         [B, 3, H*8, W*8] I2V only: the conditioning image in [-1, 1], fp32
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from fastcog.models import TORCH_DTYPES
 from fastcog.variants import VariantSpec
-
-
-def vae_spatial_factor(vae_config: Any) -> int:
-    """Pixels per latent cell: 2 ** (number of VAE blocks - 1), as the reference computes it."""
-    return 2 ** (len(vae_config.block_out_channels) - 1)
 
 
 def pad_latent_frames(latents: torch.Tensor, patch_size_t: int | None) -> torch.Tensor:
@@ -74,8 +80,51 @@ class RotaryCache:
         return self._cache[key]
 
 
-class ReferenceObjective:
-    """The reference trainer's loss: diffusers scheduler ops, eager, global RNG."""
+def velocity_loss_from_scheduler(
+    scheduler: Any, v_hat: torch.Tensor, noisy: torch.Tensor, latents: torch.Tensor, timesteps: torch.Tensor
+) -> torch.Tensor:
+    """Objective step 8 (docs/reference.md) with the scheduler's own get_velocity, as the reference computes it."""
+    z0_hat = scheduler.get_velocity(v_hat, noisy, timesteps)
+    abar = scheduler.alphas_cumprod.to(timesteps.device)[timesteps]
+    weights = 1 / (1 - abar)
+    while weights.ndim < z0_hat.ndim:
+        weights = weights.unsqueeze(-1)
+    per_sample = torch.mean((weights * (z0_hat - latents) ** 2).reshape(latents.shape[0], -1), dim=1)
+    return per_sample.mean()
+
+
+@dataclass(frozen=True)
+class ObjectiveOps:
+    """The two elementwise steps an objective can swap; everything else is shared."""
+
+    name: str
+    add_noise: Callable[[Any, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+    """(scheduler, latents, noise, timesteps) -> x_t, in the latents' dtype."""
+    velocity_loss: Callable[[Any, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+    """(scheduler, v_hat, x_t, latents, timesteps) -> the 0-dim loss."""
+    reads_low_precision_output: bool
+    """True: the loss takes the transformer's bf16/fp16 output as it is and upcasts each value
+    as it reads it (a fused kernel); False: the output is first copied to fp32."""
+
+
+def _scheduler_add_noise(scheduler: Any, latents: torch.Tensor, noise: torch.Tensor,
+                         timesteps: torch.Tensor) -> torch.Tensor:
+    return scheduler.add_noise(latents, noise, timesteps)
+
+
+REFERENCE_OPS = ObjectiveOps("reference", _scheduler_add_noise, velocity_loss_from_scheduler,
+                             reads_low_precision_output=False)
+
+
+def fused_ops() -> ObjectiveOps:
+    """The fused loss kernel (imported on first use: it needs triton); the reference noising."""
+    from fastcog.fast.objective import fused_velocity_loss
+
+    return ObjectiveOps("fused", _scheduler_add_noise, fused_velocity_loss, reads_low_precision_output=True)
+
+
+class Objective:
+    """The reference trainer's loss, with the noising and loss steps from `ops`."""
 
     def __init__(
         self,
@@ -83,13 +132,18 @@ class ReferenceObjective:
         scheduler: Any,
         vae: Any = None,
         i2v_image_scale: str = "pipeline",
+        compute_dtype: torch.dtype = torch.float32,
+        ops: ObjectiveOps = REFERENCE_OPS,
     ) -> None:
+        """compute_dtype: the autocast dtype of the transformer forward (fp32: no autocast)."""
         if variant.is_i2v and vae is None:
             raise ValueError("an I2V objective needs the VAE: the conditioning image is encoded every step")
         self.variant = variant
         self.scheduler = scheduler
         self.vae = vae
         self.i2v_image_scale = i2v_image_scale
+        self.compute_dtype = compute_dtype
+        self.ops = ops
         self.num_train_timesteps = int(scheduler.config.num_train_timesteps)
         self.rotary = RotaryCache(variant) if variant.use_rope else None
         self.rank, self.world_size = 0, 1
@@ -143,11 +197,11 @@ class ReferenceObjective:
         Pixel noise sigma = exp(N(-3, 0.5)), one scalar for the batch, then a VAE sample.
         CogVideoX 1.5's VAE has invert_scale_latents: the diffusers pipeline then *divides* the
         image latents by the scale at inference, while the reference trainer multiplies
-        (REFERENCE.md, bug 2); `i2v_image_scale` picks which.
+        (docs/reference.md, bugs table); `i2v_image_scale` picks which.
         """
         vae = self.vae
-        images = images.unsqueeze(2)  # [B, 3, 1, H, W]
-        sigma = torch.exp(torch.normal(mean=-3.0, std=0.5, size=(1,), device=images.device)).to(images.dtype)
+        images = images.float().unsqueeze(2)  # [B, 3, 1, H, W]; noised in fp32, cast after noising
+        sigma = torch.exp(torch.normal(mean=-3.0, std=0.5, size=(1,), device=images.device))
         noisy = images + self.randn_like(images) * sigma[:, None, None, None, None]
         sample = self.vae_sample(vae.encode(noisy.to(vae.dtype)).latent_dist)
         scale = vae.config.scaling_factor
@@ -176,7 +230,7 @@ class ReferenceObjective:
 
         timesteps = self.randint_timesteps(batch_size, latents.device)
         noise = self.randn_like(latents, contiguous_perm=(0, 2, 1, 3, 4))
-        noisy = self.add_noise(latents, noise, timesteps)
+        noisy = self.ops.add_noise(self.scheduler, latents, noise, timesteps)
 
         model_input = noisy
         if image_latents is not None:
@@ -184,41 +238,27 @@ class ReferenceObjective:
             model_input = torch.cat([noisy, torch.cat([image_latents, pad], dim=1)], dim=2)
         ofs = latents.new_full((1,), 2.0) if v.uses_ofs else None
 
-        v_hat = transformer(
-            hidden_states=model_input,
-            encoder_hidden_states=prompt_embeds,
-            timestep=timesteps,
-            ofs=ofs,
-            image_rotary_emb=self.rotary_emb(latents),
-            return_dict=False,
-        )[0]
-        return self.loss(v_hat, noisy, latents, timesteps)
+        with self.autocast(model_input.device):
+            v_hat = transformer(
+                hidden_states=model_input,
+                encoder_hidden_states=prompt_embeds,
+                timestep=timesteps,
+                ofs=ofs,
+                image_rotary_emb=self.rotary_emb(latents),
+                return_dict=False,
+            )[0]
+        if not self.ops.reads_low_precision_output:
+            v_hat = v_hat.float()
+        return self.ops.velocity_loss(self.scheduler, v_hat, noisy, latents, timesteps)
 
-    def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        return self.scheduler.add_noise(latents, noise, timesteps)
-
-    def loss(self, v_hat: torch.Tensor, noisy: torch.Tensor, latents: torch.Tensor,
-             timesteps: torch.Tensor) -> torch.Tensor:
-        return velocity_loss_from_scheduler(self.scheduler, v_hat, noisy, latents, timesteps)
-
-
-def make_objective(cfg: Any, variant: VariantSpec, scheduler: Any, vae: Any = None) -> ReferenceObjective:
-    """The configured objective: fused kernels when cfg.fast.fused_loss, else the reference."""
-    if cfg.fast.fused_loss:
-        from fastcog.fast.objective import FusedObjective
-
-        return FusedObjective(variant, scheduler, vae, cfg.model.i2v_image_scale)
-    return ReferenceObjective(variant, scheduler, vae, cfg.model.i2v_image_scale)
+    def autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
+        """The transformer forward's autocast (fp32 LoRA weights meet low-precision activations)."""
+        if self.compute_dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=self.compute_dtype)
 
 
-def velocity_loss_from_scheduler(
-    scheduler: Any, v_hat: torch.Tensor, noisy: torch.Tensor, latents: torch.Tensor, timesteps: torch.Tensor
-) -> torch.Tensor:
-    """REFERENCE.md step 8 with the scheduler's own get_velocity, as the reference computes it."""
-    z0_hat = scheduler.get_velocity(v_hat, noisy, timesteps)
-    abar = scheduler.alphas_cumprod.to(timesteps.device)[timesteps]
-    weights = 1 / (1 - abar)
-    while weights.ndim < z0_hat.ndim:
-        weights = weights.unsqueeze(-1)
-    per_sample = torch.mean((weights * (z0_hat - latents) ** 2).reshape(latents.shape[0], -1), dim=1)
-    return per_sample.mean()
+def make_objective(cfg: Any, variant: VariantSpec, scheduler: Any, vae: Any = None) -> Objective:
+    """The configured objective: fused kernels when cfg.fast.fused_loss, else the reference ops."""
+    ops = fused_ops() if cfg.fast.fused_loss else REFERENCE_OPS
+    return Objective(variant, scheduler, vae, cfg.model.i2v_image_scale, TORCH_DTYPES[cfg.model.dtype], ops)

@@ -9,7 +9,6 @@ so a bad run never damages an earlier one.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import random
 import time
@@ -38,8 +37,8 @@ from fastcog.metrics import (
     peak_memory_gb,
     transformer_flops_per_sample,
 )
-from fastcog.models import TORCH_DTYPES, load_components, read_variant
-from fastcog.objective import ReferenceObjective, make_objective
+from fastcog.models import TORCH_DTYPES, load_components, read_variant, set_vae_memory_options
+from fastcog.objective import Objective, make_objective
 from fastcog.optim import build_optimizer, check_optimizer_available
 from fastcog.parallel import (
     SINGLE_PROCESS,
@@ -97,17 +96,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def pick_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
-
-def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
-    """bf16/fp16 autocast as the reference runs (fp32 LoRA weights meet low-precision inputs)."""
-    if dtype == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=TORCH_DTYPES[dtype])
 
 
 # --------------------------------------------------------------------------------------------
@@ -231,8 +219,9 @@ def make_encoder_factory(cfg: Config, device: torch.device, variant: VariantSpec
 
     def make() -> Encoder:
         comps = load_components(cfg.model.path, cfg.model.dtype, parts=("vae", "text_encoder", "tokenizer"))
+        set_vae_memory_options(comps.vae, cfg.data.vae_slicing, cfg.data.vae_tiling)
         return Encoder(comps.vae.to(device), comps.text_encoder.to(device), comps.tokenizer,
-                       variant.max_text_seq_length, device, cfg.data.vae_slicing, cfg.data.vae_tiling)
+                       variant.max_text_seq_length, device)
 
     return make
 
@@ -282,16 +271,16 @@ class WorkCounter:
         work.flops += latents.shape[0] * self._flops[tokens]
 
 
-def forward_backward(objective: ReferenceObjective, transformer: torch.nn.Module, batch: dict, cfg: Config,
-                     device: torch.device, grad_scaler: Any) -> float:
-    with autocast(device, cfg.model.dtype):
-        loss = objective(transformer, batch)
+def forward_backward(objective: Objective, transformer: torch.nn.Module, batch: dict, cfg: Config,
+                     grad_scaler: Any) -> float:
+    """One micro-batch. The objective owns the precision: only the transformer forward autocasts."""
+    loss = objective(transformer, batch)
     scaled = loss / cfg.train.gradient_accumulation_steps
     (grad_scaler.scale(scaled) if grad_scaler is not None else scaled).backward()
     return float(loss.detach())
 
 
-def train_step(objective: ReferenceObjective, par: Parallel, params: list, batches: Iterator, optimizer: Any,
+def train_step(objective: Objective, par: Parallel, params: list, batches: Iterator, optimizer: Any,
                lr_scheduler: Any, grad_scaler: Any, cfg: Config, count: WorkCounter) -> tuple[float, float, StepWork]:
     """One optimizer step over gradient_accumulation_steps micro-batches.
 
@@ -304,7 +293,7 @@ def train_step(objective: ReferenceObjective, par: Parallel, params: list, batch
         batch = next(batches)
         count(batch, work)
         with par.grad_sync(is_last=i == accumulation - 1):
-            losses.append(forward_backward(objective, par.forward_module, batch, cfg, par.device, grad_scaler))
+            losses.append(forward_backward(objective, par.forward_module, batch, cfg, grad_scaler))
     grad_norm = optimizer_update(optimizer, lr_scheduler, grad_scaler, cfg.optim.max_grad_norm,
                                  lambda max_norm: par.clip_grad_norm(params, max_norm))
     return par.mean_over_ranks(sum(losses) / len(losses)), grad_norm, work
@@ -347,6 +336,7 @@ def load_loop_components(cfg: Config, variant: VariantSpec, device: torch.device
         parts += ["text_encoder", "tokenizer"]
     comps = load_components(cfg.model.path, cfg.model.dtype, parts=tuple(parts))
     if comps.vae is not None:
+        set_vae_memory_options(comps.vae, cfg.data.vae_slicing, cfg.data.vae_tiling)
         comps.vae.to(device)
     return comps
 

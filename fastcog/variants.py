@@ -120,4 +120,6 @@ FULL_TRANSFORMER_CONFIGS: dict[str, dict[str, Any]] = {
 # Scheduler and VAE settings that differ per variant (the rest are shared).
 SNR_SHIFT_SCALE = {"cogvideox-2b": 3.0}  # 1.0 for the 5B family
 VAE_SCALING = {"cogvideox-2b": 1.15258426}  # 0.7 for the 5B family
+# Pixels per latent cell along height and width: every CogVideoX VAE has 4 blocks, 2 ** (4 - 1).
+VAE_SPATIAL_FACTOR = 8
 INVERT_SCALE_LATENTS = {"cogvideox1.5-5b", "cogvideox1.5-5b-i2v"}

@@ -15,15 +15,30 @@ imported (the CPU test tier does that in tests/conftest.py).
 """
 
 # Only ever define the ops as fastcog.kernels. With the repository root on sys.path (pytest's
-# rootdir insertion, `python -m` from the checkout), transformers' and diffusers' probes for the
-# PyPI package `kernels` import this directory as a top-level `kernels`. Executing the modules a
-# second time would re-run torch.library.custom_op("fastcog::..."), which destroys the first
+# rootdir insertion, `python -m` from the checkout), this directory shadows the PyPI package
+# `kernels`, which transformers imports when it is installed. Executing these modules a second
+# time would re-run torch.library.custom_op("fastcog::..."), which destroys the first
 # registration and leaves fastcog.kernels' op handles dangling (use after free: random
-# "ValueError: vector::reserve" in later calls). Under any other name this package is empty.
+# "ValueError: vector::reserve" in later calls). Under any other name this package registers
+# nothing and hands the name to the PyPI package when one is installed, else stays empty.
 if __name__ == "fastcog.kernels":
     from .diffusion_loss import add_noise, velocity_mse_loss
     from .lora_linear import lora_linear
 
     __all__ = ["lora_linear", "add_noise", "velocity_mse_loss"]
 else:
+    import importlib.machinery as _machinery
+    import importlib.util as _util
+    import os as _os
+    import sys as _sys
+
+    _checkout = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+    _elsewhere = [p for p in _sys.path if _os.path.abspath(p or ".") != _checkout]
+    _spec = _machinery.PathFinder.find_spec(__name__, _elsewhere)
+    if _spec is not None and _spec.loader is not None:
+        # The import system returns whatever sys.modules holds for the name once this file has
+        # run, so the installed package replaces this one for every importer.
+        _module = _util.module_from_spec(_spec)
+        _sys.modules[__name__] = _module
+        _spec.loader.exec_module(_module)
     __all__ = []

@@ -87,7 +87,7 @@ def make_vae(variant: VariantSpec, cfg: Config, checkpoint: Path | None, tiny: b
     import torch
     from diffusers import AutoencoderKLCogVideoX
 
-    from fastcog.models import TORCH_DTYPES
+    from fastcog.models import TORCH_DTYPES, set_vae_memory_options, tiny_vae_config
     from fastcog.variants import INVERT_SCALE_LATENTS, VAE_SCALING
 
     dtype = TORCH_DTYPES[cfg.model.dtype]
@@ -98,11 +98,10 @@ def make_vae(variant: VariantSpec, cfg: Config, checkpoint: Path | None, tiny: b
         scale = dict(scaling_factor=VAE_SCALING.get(variant.name, 0.7),
                      invert_scale_latents=variant.name in INVERT_SCALE_LATENTS)
         if tiny:
-            vae = AutoencoderKLCogVideoX(block_out_channels=(16, 16, 16, 16), layers_per_block=1, norm_num_groups=4,
-                                         latent_channels=16, sample_height=cfg.data.height,
-                                         sample_width=cfg.data.width, **scale)
+            vae = AutoencoderKLCogVideoX(**tiny_vae_config(variant.name))
         else:
-            vae = AutoencoderKLCogVideoX(sample_height=cfg.data.height, sample_width=cfg.data.width, **scale)
+            vae = AutoencoderKLCogVideoX(**scale)  # the released VAEs' structure and tile size
+    set_vae_memory_options(vae, cfg.data.vae_slicing, cfg.data.vae_tiling)
     return quiet_to(vae, device=device, dtype=dtype).requires_grad_(False).eval()
 
 
@@ -117,7 +116,7 @@ def make_batches(n: int, batch: int, latent_shape: tuple[int, ...], text_shape: 
         b = {"latents": torch.randn(batch, *latent_shape, generator=g).to(dtype),
              "prompt_embeds": torch.randn(batch, *text_shape, generator=g).to(dtype)}
         if is_i2v:
-            b["images"] = (torch.rand(batch, 3, *pixels, generator=g) * 2 - 1).to(dtype)
+            b["images"] = torch.rand(batch, 3, *pixels, generator=g) * 2 - 1  # fp32, as the reference
         out.append(b)
     return out
 
@@ -128,14 +127,15 @@ def setup_bench(args: argparse.Namespace, cfg: Config, variant_name: str, tiny: 
     from fastcog.metrics import peak_flops, transformer_flops_per_sample
     from fastcog.models import TORCH_DTYPES
     from fastcog.trainer import video_tokens
-    from fastcog.variants import detect_variant
+    from fastcog.variants import VAE_SPATIAL_FACTOR, detect_variant
 
     tcfg, source = transformer_arch(args, cfg, variant_name, tiny)
     variant = detect_variant(tcfg)
     validate_for_variant(cfg, variant)
     d = cfg.data
     temporal = variant.temporal_compression_ratio
-    latent_shape = (variant.latent_channels, (d.num_frames - 1) // temporal + 1, d.height // 8, d.width // 8)
+    latent_shape = (variant.latent_channels, (d.num_frames - 1) // temporal + 1, d.height // VAE_SPATIAL_FACTOR,
+                    d.width // VAE_SPATIAL_FACTOR)
     tokens = video_tokens(latent_shape, variant)
     text_shape = (variant.max_text_seq_length, variant.text_embed_dim)
     total = warmup + max(p.steps for p in paths)

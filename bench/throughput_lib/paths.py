@@ -189,7 +189,8 @@ def build_reference(model: Any, params: list, cfg: Config, bench: Bench) -> tupl
     import torch
     from diffusers.optimization import get_scheduler
 
-    from fastcog.objective import ReferenceObjective
+    from fastcog.models import TORCH_DTYPES
+    from fastcog.objective import Objective
 
     model.enable_gradient_checkpointing()
     o = cfg.optim
@@ -197,12 +198,14 @@ def build_reference(model: Any, params: list, cfg: Config, bench: Bench) -> tupl
     lr_scheduler = get_scheduler(o.lr_scheduler, optimizer, step_rules=o.lr_step_rules,
                                  num_warmup_steps=o.lr_warmup_steps, num_training_steps=bench.total_steps,
                                  num_cycles=o.lr_num_cycles, power=o.lr_power)
-    objective = ReferenceObjective(bench.variant, bench.scheduler, bench.vae, cfg.model.i2v_image_scale)
+    # As accelerate runs the reference: the transformer forward under autocast, its output in fp32.
+    objective = Objective(bench.variant, bench.scheduler, bench.vae, cfg.model.i2v_image_scale,
+                          TORCH_DTYPES[cfg.model.dtype])
     processors = {type(p).__name__ for p in model.attn_processors.values()}
     report = {"attention_backend": f"diffusers {', '.join(sorted(processors))} (SDPA, torch's choice)",
               "activation_checkpointing": "full (diffusers enable_gradient_checkpointing, every block)",
               "frozen_weights": f"fp32 under {cfg.model.dtype} autocast", "optimizer": "torch.optim.AdamW",
-              "objective": "fastcog.objective.ReferenceObjective"}
+              "objective": "fastcog.objective.Objective, reference ops"}
     return objective, optimizer, lr_scheduler, report
 
 
@@ -218,19 +221,19 @@ def build_fastcog(model: Any, params: list, cfg: Config, bench: Bench) -> tuple[
     for key, value in list(report.items()):  # lists of module names: the count is what a reader needs
         if key != "lines" and isinstance(value, list):
             report[key] = len(value)
-    report.update(objective=type(objective).__name__, optimizer=type(optimizer).__name__)
+    report.update(objective=f"{type(objective).__name__}, {objective.ops.name} ops", optimizer=type(optimizer).__name__)
     return objective, optimizer, lr_scheduler, report
 
 
 def train_step(model: Any, params: list, objective: Any, optimizer: Any, lr_scheduler: Any, scaler: Any,
-               batch: dict, cfg: Config, device: torch.device) -> tuple[float, float]:
-    """The one step every path runs: forward (autocast), backward, clip, optimizer, LR, zero_grad."""
+               batch: dict, cfg: Config) -> tuple[float, float]:
+    """The one step every path runs: forward (the objective autocasts the transformer forward only),
+    backward, clip, optimizer, LR, zero_grad."""
     import torch
 
-    from fastcog.trainer import autocast, optimizer_update
+    from fastcog.trainer import optimizer_update
 
-    with autocast(device, cfg.model.dtype):
-        loss = objective(model, batch)
+    loss = objective(model, batch)
     (scaler.scale(loss) if scaler is not None else loss).backward()
     grad_norm = optimizer_update(optimizer, lr_scheduler, scaler, cfg.optim.max_grad_norm,
                                  lambda max_norm: float(torch.nn.utils.clip_grad_norm_(params, max_norm)))
@@ -261,8 +264,7 @@ def _run_path(spec: PathSpec, bench: Bench, res: PathResult) -> None:
         res.lrs.append(float(lr_scheduler.get_last_lr()[0]))
         sync(bench.device)
         start = time.perf_counter()
-        loss, grad_norm = train_step(model, params, objective, optimizer, lr_scheduler, scaler, batch, spec.cfg,
-                                     bench.device)
+        loss, grad_norm = train_step(model, params, objective, optimizer, lr_scheduler, scaler, batch, spec.cfg)
         sync(bench.device)
         (res.warmup_times if k < bench.warmup else res.step_times).append(time.perf_counter() - start)
         res.losses.append(loss)

@@ -1,9 +1,10 @@
 """Latent and text-embedding cache: encode once before training, read every step after.
 
 Each cached item is one safetensors file whose name is a hash of everything that changes its
-content (REFERENCE.md bug 3: the reference keys on the file name only): the model folder and
-its component configs, the compute dtype, the resolution and frame count, the sampling and
-resize modes, and the source file's absolute path, size and mtime (or the prompt text).
+content (docs/reference.md, bugs table: the reference keys on the file name only): the model
+folder and its component configs, the compute dtype, the resolution and frame count, the
+sampling and resize modes, VAE tiling, and the source file's absolute path, size and mtime
+(or the prompt text).
 A file is written under a temporary name and renamed into place, so an item that exists is
 complete: a run killed part-way resumes by encoding only what is missing.
 """
@@ -20,6 +21,9 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from fastcog.errors import ModelError
+from fastcog.variants import VAE_SPATIAL_FACTOR
 
 # Bump when the stored layout or what an item holds changes: old items are then simply not found.
 # 2: the VAE sample / frame-window seed depends on the clip's path under data_root, not on the key.
@@ -40,6 +44,8 @@ class CacheSpec:
     latent_mode: str = "sample"
     seed: int = 0
     """Seeds the VAE sample and `random` frame windows (per item, so sharding cannot change them)."""
+    vae_tiling: bool = True
+    """Tiled encoding gives slightly different latents above the VAE's tile size."""
 
 
 @dataclass(frozen=True)
@@ -112,14 +118,11 @@ class Encoder:
     """VAE + T5 encoding as the reference does it (one frozen latent sample, padded T5)."""
 
     def __init__(self, vae: Any, text_encoder: Any, tokenizer: Any, max_text_len: int, device: torch.device,
-                 vae_slicing: bool = False, vae_tiling: bool = False) -> None:
+                 ) -> None:
+        """vae: with tiling / slicing already set (fastcog.models.set_vae_memory_options)."""
         self.vae, self.text_encoder, self.tokenizer = vae, text_encoder, tokenizer
         self.max_text_len = max_text_len
         self.device = device
-        if vae_slicing:
-            vae.enable_slicing()
-        if vae_tiling:
-            vae.enable_tiling()
 
     @torch.no_grad()
     def encode_video(self, frames: torch.Tensor, mode: str = "sample", seed: int = 0) -> torch.Tensor:
@@ -135,6 +138,11 @@ class Encoder:
             latents = dist.mode()
         else:
             latents = dist.sample(generator=torch.Generator(self.device).manual_seed(seed))
+        height, width = x.shape[-2:]
+        if latents.shape[-2:] != (height // VAE_SPATIAL_FACTOR, width // VAE_SPATIAL_FACTOR):
+            # Tiles whose edges miss the 8 px latent grid (a VAE configured with an odd sample size).
+            raise ModelError(f"the VAE's tiled encode gave {tuple(latents.shape[-2:])} latents for {height}x{width} "
+                             "frames; set data.vae_tiling: false")
         return latents[0] * self.vae.config.scaling_factor
 
     @torch.no_grad()
@@ -164,5 +172,7 @@ class CachedDataset(torch.utils.data.Dataset):
             "prompt_embeds": load_file(str(it.prompt_embeds))["prompt_embeds"].to(self.dtype),
         }
         if it.image is not None:
-            out["images"] = load_file(str(it.image))["image"].to(self.dtype)
+            # fp32, as the reference: the per-step pixel noise is drawn and added in fp32 and
+            # only the noised image is cast to the VAE's dtype (Objective.encode_image).
+            out["images"] = load_file(str(it.image))["image"].float()
         return out

@@ -104,7 +104,7 @@ def plan(cfg: Config, samples: Sequence[Sample], need_images: bool) -> tuple[lis
             bucket = assign_bucket(info.num_frames, info.height, info.width, buckets)
         frames, height, width = buckets[bucket]
         spec = CacheSpec(fingerprint, cfg.model.dtype, frames, height, width, d.sampling, d.resize,
-                         d.latent_mode, cfg.train.seed)
+                         d.latent_mode, cfg.train.seed, d.vae_tiling)
         image = None
         if need_images:
             source = sample.image or sample.video

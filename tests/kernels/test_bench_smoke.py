@@ -1,4 +1,4 @@
-"""bench/kernels.py --smoke runs end to end (CPU, interpreter) and writes its tables."""
+"""bench/kernel_bench.py --smoke runs end to end (CPU, interpreter) and writes its tables."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "kernels.py"
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "kernel_bench.py"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="smoke mode is the CPU check; GPUs run the real bench")

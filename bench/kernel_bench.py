@@ -25,8 +25,8 @@ date) to ``--out``.
 ``--smoke``: tiny shapes on CPU through the Triton interpreter with a wall-clock timer; it
 checks that the script and every variant run. CPU smoke numbers are NOT performance claims.
 
-    python bench/kernels.py                 # GPU, CogVideoX-5B shapes, bf16
-    python bench/kernels.py --smoke --out /tmp/bench
+    python bench/kernel_bench.py                 # GPU, CogVideoX-5B shapes, bf16
+    python bench/kernel_bench.py --smoke --out /tmp/bench
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
             raise RuntimeError("--smoke on CPU: fastcog.kernels was imported without TRITON_INTERPRET=1")
         os.environ["TRITON_INTERPRET"] = "1"
     if not args.smoke and not torch.cuda.is_available():
-        raise SystemExit("bench/kernels.py needs a CUDA GPU (use --smoke for a CPU check)")
+        raise SystemExit("bench/kernel_bench.py needs a CUDA GPU (use --smoke for a CPU check)")
 
     import triton
     from fastcog.kernels import add_noise, lora_linear, velocity_mse_loss
