@@ -23,7 +23,7 @@ imported (the CPU test tier does that in tests/conftest.py).
 # nothing and hands the name to the PyPI package when one is installed, else stays empty.
 if __name__ == "fastcog.kernels":
     from .diffusion_loss import add_noise, velocity_mse_loss
-    from .lora_linear import lora_linear
+    from .lora_linear_op import lora_linear
 
     __all__ = ["lora_linear", "add_noise", "velocity_mse_loss"]
 else:

@@ -28,13 +28,6 @@ INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Upcast loaded tiles to fp32 before arithmetic (see module docstring).
 UPCAST: bool = INTERPRET
 
-TORCH_TO_TL = {
-    torch.float32: tl.float32,
-    torch.float16: tl.float16,
-    torch.bfloat16: tl.bfloat16,
-}
-
-
 # Tests set this to True: every buffer a launcher allocates is then filled with NaN first, so
 # an element a kernel forgets to write can never pass as a plausible value.
 POISON_ALLOCATIONS: bool = False

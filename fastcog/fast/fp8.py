@@ -64,7 +64,7 @@ Accuracy (SQNR against fp64, random bf16 data, CPU): forward 27.5-29.5 dB (both 
 tensorwise (e5m2 gradients) and 28.5-29.5 dB rowwise, storage variant 32-33 dB; plain bf16 ~55 dB.
 Forward and dx are bitwise equal to torchao.float8's Float8Linear with the same recipe.
 
-Not measured in this session (no GPU): speed and memory on H100/H200, how much of the quantisation
+Not measured on a GPU: speed and memory on H100/H200, how much of the quantisation
 inductor fuses there, and the effect of fast accumulation at K = 12,288 (tests marked ``gpu`` check
 the SQNR at the 5B shapes when a GPU is present).
 """

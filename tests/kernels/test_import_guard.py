@@ -16,7 +16,7 @@ import torch
 from fastcog.kernels import lora_linear as public_lora_linear
 
 CHECKOUT = Path(__file__).resolve().parents[2]
-lora_module = importlib.import_module("fastcog.kernels.lora_linear")
+lora_module = importlib.import_module("fastcog.kernels.lora_linear_op")
 
 
 def import_top_level_kernels():
