@@ -14,8 +14,9 @@ What runs, with the same seeds, inputs, timesteps and noise in every path:
   fp32; the latents are noised in the compute dtype and the I2V image in fp32. None of fastcog's
   fast-path code is involved.
 * ``fastcog``    the fastcog path the config describes (``fast:``, ``train.activation_checkpointing``,
-  ``optim.name`` / ``optim.fused``, frozen weights stored in ``model.dtype``), built with
-  ``fastcog.fast.apply_fast_path``, ``fastcog.objective.make_objective``, ``fastcog.optim.build_optimizer``.
+  ``optim.name`` / ``optim.fused``, frozen weights stored in ``model.dtype``), built with the
+  trainer's own ``fastcog.build.parallelize_model``, ``fastcog.objective.make_objective`` and
+  ``fastcog.optim.build_optimizer``.
 * ``--ablation`` the reference path plus exactly one of fastcog's switches, one row per switch that
   the fastcog config turns on. A row that raises is recorded as ``failed: <error>``.
 
@@ -28,7 +29,7 @@ copied from the reference path's.
 Timing: the device is synchronised around every step; the warm-up steps are excluded from p10 /
 p50 / p90 and reported apart as "warm-up s" (their time minus as many steady-state p50 steps: the
 compile, autotune and allocator warm-up). Throughput uses the p50 step time. Model FLOPs follow
-docs/design.md (fastcog.metrics.transformer_flops_per_sample: recompute not counted), the same count for
+docs/design.md (fastcog.flops.transformer_flops_per_sample: recompute not counted), the same count for
 every path, so TFLOP/s ratios equal speedups; MFU divides by the GPU's dense bf16 peak from
 fastcog.metrics' table. Peak memory is torch.cuda's max allocated / reserved, reset after the
 path's model is built (so it is the training peak, weights included); it is not measured on CPU.
@@ -167,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         from fastcog.errors import FastcogError
 
         try:
-            bench = setup_bench(args, cfg, variant, tiny, device, paths, warmup)
+            bench = setup_bench(args, cfg, variant, tiny, device, max(p.steps for p in paths), warmup)
         except FastcogError as err:
             raise UsageError(str(err)) from None
     except UsageError as err:

@@ -38,15 +38,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
+    from fastcog.build import seed_everything
     from fastcog.config import load_config
     from fastcog.data.prepare import cache_dir_for, prepare
+    from fastcog.inputs import check_inputs, make_encoder_factory, write_demo_data
     from fastcog.parallel import device_for, init_distributed, shutdown_distributed
-    from fastcog.trainer import check_inputs, make_encoder_factory, seed_everything
 
     cfg = load_config(args.config, args.set or ())
     _quiet_libraries()
     world = init_distributed(cfg.parallel.timeout_s)
-    variant, samples = check_inputs(cfg, world)
+    write_demo_data(cfg, world)
+    variant, samples = check_inputs(cfg)
     seed_everything(cfg.train.seed)
     device = device_for(world)
     result = prepare(cfg, samples, variant.is_i2v, make_encoder_factory(cfg, device, variant), world,

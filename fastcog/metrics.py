@@ -1,14 +1,6 @@
-"""FLOP model, MFU, memory and the per-step metrics sinks (metrics.jsonl, tensorboard, wandb).
+"""Per-step metrics: device and host memory, and the sinks (metrics.jsonl, tensorboard, wandb).
 
-FLOP convention (docs/design.md): model FLOPs only, recompute not counted.
-  linear forward      2 * N * P_lin          (P_lin: token-wise linear weights of the blocks)
-  linear backward     2 * N * P_lin          activation grads only when the base is frozen;
-                      + 2 * N * P_lin        weight grads as well for full fine-tuning
-  attention forward   4 * N^2 * D * layers   (QK^T and PV, D = heads * head_dim)
-  attention backward  2.5 x forward
-  LoRA                2 * N * r * (in + out) per adapter forward, 2x that backward
-The per-block AdaLN and timestep linears act once per sample, not per token, and are left out.
-MFU = model FLOPs / (step time x peak dense bf16 FLOP/s of the GPU).
+The FLOP model and MFU live in fastcog.flops.
 """
 
 from __future__ import annotations
@@ -21,57 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-# Dense bf16 tensor-core peak, FLOP/s, by a substring of torch.cuda.get_device_name().
-PEAK_BF16_FLOPS = {
-    "H200": 989e12,
-    "H100": 989e12,  # SXM; the PCIe part is lower (756e12), matched below first
-    "A100": 312e12,
-    "L40S": 362e12,
-    "A10G": 70e12,
-    "RTX 4090": 165e12,
-}
-_PCIE_OVERRIDES = {"H100 PCIe": 756e12}
-
-
-def peak_flops(device: torch.device) -> float | None:
-    """Peak dense bf16 FLOP/s of the device, or None (CPU, unknown GPU)."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, value in {**_PCIE_OVERRIDES, **PEAK_BF16_FLOPS}.items():
-        if key in name:
-            return value
-    return None
-
-
-def transformer_flops_per_sample(
-    transformer_config: Any,
-    video_tokens: int,
-    lora_rank: int | None,
-    lora_targets: tuple[str, ...] = (),
-    full_finetune: bool = False,
-) -> float:
-    """Model FLOPs of one forward + backward for one sample (see the module docstring)."""
-    cfg = dict(transformer_config)
-    heads, head_dim = cfg["num_attention_heads"], cfg["attention_head_dim"]
-    layers = cfg["num_layers"]
-    dim = heads * head_dim
-    n = video_tokens + cfg.get("max_text_seq_length", 226)
-    ff_inner = 4 * dim  # diffusers FeedForward default mult=4
-    linear_shapes = {"to_q": (dim, dim), "to_k": (dim, dim), "to_v": (dim, dim), "to_out.0": (dim, dim),
-                     "ff.net.0.proj": (dim, ff_inner), "ff.net.2": (ff_inner, dim)}
-    p_lin = layers * sum(i * o for i, o in linear_shapes.values())
-    linear = 2 * n * p_lin * (3 if full_finetune else 2)
-    attn_fwd = 4 * n * n * dim * layers
-    attention = attn_fwd * 3.5
-    lora = 0.0
-    if lora_rank:
-        for target in lora_targets:
-            shape = linear_shapes.get(target)
-            if shape is not None:
-                lora += 3 * 2 * n * lora_rank * (shape[0] + shape[1]) * layers
-    return float(linear + attention + lora)
 
 
 def peak_memory_gb(device: torch.device) -> float | None:

@@ -3,12 +3,10 @@
 `init_distributed()` joins the process group when launched by torchrun (WORLD_SIZE > 1),
 NCCL on GPUs and gloo on CPU, and is a no-op in a plain single process.
 
-`parallelize()` wraps the (already patched) transformer for the configured strategy:
+`parallelize()` wraps the (already patched) transformer for the configured strategy; it is
+the last step of fastcog.build.parallelize_model:
 
-  fsdp  FSDP2: `fully_shard` on each CogVideoX block, then on the root. It runs after the fast
-        path (activation checkpointing, then per-block compile), the order FSDP2 needs: the
-        checkpoint wrapper and the compiled block sit inside the sharded unit. The FP8 weights
-        of fast.fp8 / fast.fp8_weight_storage are sharded too (`shard_fp8_weights`). With
+  fsdp  FSDP2: `fully_shard` on each CogVideoX block, then on the root. With
         parallel.replicate_degree > 1 the mesh is 2D (replicate x shard): HSDP.
   ddp   DistributedDataParallel: every rank holds the whole model, gradients all-reduced.
   none  one process, the model as it is.
@@ -30,8 +28,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from fastcog.config import OPTIMIZERS, OptimConfig, ParallelConfig
+from fastcog.config import OptimConfig, ParallelConfig
+from fastcog.dtypes import torch_dtype
 from fastcog.errors import ConfigError
+from fastcog.optimizers import OPTIMIZER_SPECS
 
 
 @dataclass(frozen=True)
@@ -134,41 +134,21 @@ def resolve_strategy(par: ParallelConfig, world: World) -> str:
     return strategy
 
 
-# Optimizers that step plain tensors only: FSDP hands them DTensor shards (measured on CPU with
-# torch 2.13: CAME mixes DTensor and Tensor in its factored moments, bitsandbytes' update kernel
-# has no DTensor sharding rule). torchao's CPUOffloadOptimizer is documented single-device.
-NOT_WITH_FSDP = {"came": "CAME", "adamw8bit_bnb": "bitsandbytes' AdamW8bit"}
-
-# Prodigy steps the shards, but wrongly: its step size D is a ratio of two sums over every trained
-# value, which prodigyopt 1.1.2 reads with .item(), and .item() of a DTensor is this rank's local
-# part (torch 2.13 dispatches _local_scalar_dense without a reduction). Measured on 2 CPU ranks
-# (tests/test_distributed.py::test_prodigy_refused_under_fsdp_and_equal_to_one_process_under_ddp):
-# after 12 steps the ranks held D = 5.36e-6 and 6.07e-6 where one process had 5.69e-6, and the exported
-# LoRA B differed from one process's by 0.7% to 4% (DDP: < 5e-6). prodigyopt's own all-reduce
-# (fsdp_in_use=True) is no way out: it puts its buffer on .cuda() (no CPU/gloo) and raises
-# UnboundLocalError on a step with lr 0 (the first warm-up step). Under DDP every rank holds whole
-# tensors and computes the D of one process.
-PRODIGY_UNDER_FSDP = (
-    "optim.name='prodigy' cannot run under FSDP: Prodigy's step size D comes from sums over all trained values, "
-    "but each rank would sum only its own shards (prodigyopt reads the sums with .item(), which on a sharded "
-    "DTensor is the local part), so every rank would step with a different D. Use parallel.strategy=ddp "
-    "(each rank holds the whole model, D is that of one process), or another optim.name"
-)
-REFUSED_UNDER_FSDP = {*NOT_WITH_FSDP, "prodigy"}
-
-
 def check_optimizer(o: OptimConfig, strategy: str) -> None:
-    """Refuse optimizer settings that cannot step FSDP's sharded parameters, before any work."""
+    """Refuse optimizer settings that cannot step FSDP's sharded parameters, before any work.
+
+    Which optimizers and why: fastcog.optimizers (fsdp_refusal). Under DDP every rank holds whole
+    tensors and steps as one process would.
+    """
     if strategy != "fsdp":
         return
-    if o.name in NOT_WITH_FSDP:
-        raise ConfigError(
-            f"optim.name={o.name!r} ({NOT_WITH_FSDP[o.name]}) cannot step FSDP's sharded parameters: use "
-            f"parallel.strategy=ddp, or one of {', '.join(n for n in OPTIMIZERS if n not in REFUSED_UNDER_FSDP)}"
-        )
-    if o.name == "prodigy":
-        raise ConfigError(PRODIGY_UNDER_FSDP)
+    refusal = OPTIMIZER_SPECS[o.name].fsdp_refusal
+    if refusal:
+        others = ", ".join(name for name, spec in OPTIMIZER_SPECS.items() if spec.fsdp_refusal is None)
+        raise ConfigError(f"optim.name={o.name!r} cannot run under FSDP: {refusal}. Use parallel.strategy=ddp "
+                          f"(each rank holds the whole model), or one of {others}")
     if o.cpu_offload:
+        # torchao's CPUOffloadOptimizer is documented single-device.
         raise ConfigError("optim.cpu_offload (torchao's CPUOffloadOptimizer) is single-device and cannot step "
                           "FSDP's sharded parameters: use parallel.strategy=ddp, or set optim.cpu_offload: false")
 
@@ -224,15 +204,16 @@ class Parallel:
 
 def mixed_precision_dtype(dtype: str) -> torch.dtype | None:
     """FSDP's param_dtype for model.dtype: the compute dtype, or None (no casting) for fp32."""
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype)
+    return None if dtype == "bf16" else torch_dtype(dtype)
 
 
 def parallelize(transformer: torch.nn.Module, par: ParallelConfig, strategy: str, world: World,
-                device: torch.device, dtype: str) -> Parallel:
+                device: torch.device, param_dtype: torch.dtype | None) -> Parallel:
     """Wrap the transformer for `strategy` (from resolve_strategy). Call before building the optimizer:
-    fully_shard replaces every parameter with a DTensor shard, which the optimizer must hold."""
+    fully_shard replaces every parameter with a DTensor shard, which the optimizer must hold.
+    param_dtype: FSDP's parameter cast (mixed_precision_dtype, or None: each tensor as stored)."""
     if strategy == "fsdp":
-        apply_fsdp(transformer, par, world, device, mixed_precision_dtype(dtype))
+        apply_fsdp(transformer, par, world, device, param_dtype)
         return Parallel(strategy, world, transformer, transformer, device)
     if strategy == "ddp":
         return Parallel(strategy, world, transformer, apply_ddp(transformer, device), device)
@@ -248,18 +229,12 @@ def apply_fsdp(transformer: torch.nn.Module, par: ParallelConfig, world: World, 
     weights), and all-gathers a unit whose shards differ in dtype (frozen bf16 base + fp32 LoRA,
     if param_dtype were None) as bytes. With param_dtype set, every parameter is cast to it
     before the all-gather (the LoRA adapters compute in bf16, as autocast would make them), and
-    gradients are reduced in fp32 into the fp32 shards the optimizer steps.
-
-    FP8 linears (fastcog.fast.fp8) keep their FP8 weights in buffers, which FSDP2 would leave
-    whole on every rank (9.5 GB per rank at 5B); `shard_fp8_weights` makes them frozen
-    Parameters, sharded in their block's unit like any other frozen weight, and turns the
-    parameter cast off (see there). Without FP8 linears nothing here changes.
+    gradients are reduced in fp32 into the fp32 shards the optimizer steps. FP8 weights are
+    sharded like any other frozen Parameter (fastcog.build.shard_fp8_weights).
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    if shard_fp8_weights(transformer):
-        param_dtype = None
     if par.replicate_degree > 1:
         mesh = init_device_mesh(device.type, (par.replicate_degree, world.world_size // par.replicate_degree),
                                 mesh_dim_names=("replicate", "shard"))
@@ -278,39 +253,6 @@ def apply_fsdp(transformer: torch.nn.Module, par: ParallelConfig, world: World, 
     # The root's own parameters (embeddings, final norm and projection) are used last in the
     # forward and first in the backward: keep them gathered in between (FSDP2's root default).
     fully_shard(transformer, mesh=mesh, reshard_after_forward=False, mp_policy=mp)
-
-
-def shard_fp8_weights(transformer: torch.nn.Module) -> bool:
-    """Make the FP8 weights of the FP8 linears frozen Parameters, for fully_shard; False if none.
-
-    Why Parameters: FSDP2 shards Parameters only. Frozen, they stay out of the optimizer and of
-    checkpoints (saved with ignore_frozen_params; they are derived from the pretrained weights
-    at conversion, as in one process) and get no gradient; FSDP2 shards them on dim 0,
-    all-gathers them with the rest of their block before its forward and again before its
-    backward (reshard_after_forward as set), and frees them after.
-
-    Why no parameter cast (param_dtype None) for the whole model when there are FP8 weights: a
-    MixedPrecisionPolicy casts *every* floating parameter of a unit to param_dtype before the
-    all-gather, FP8 ones included, which would gather bf16 copies (twice the bytes) and hand the
-    FP8 matmul bf16 weights. Without the cast the all-gather moves each tensor in its own dtype
-    (a unit of mixed dtypes goes as one uint8 buffer): FP8 bytes for the FP8 weights, the frozen
-    base as it is stored (bf16/fp16, the model dtype), and the fp32 LoRA adapters, which then
-    meet the trainer's autocast inside the block exactly as in one process (gradients in fp32,
-    reduced in fp32; tests/test_fp8_fsdp.py measures FSDP and DDP runs with the same per-rank
-    batches giving identical losses). The price is the adapters gathered in fp32 rather than
-    bf16: at 5B with rank 128 on four attention linears, 0.53 GB instead of 0.26 GB per pass,
-    next to 9.5 GB of FP8 weights. Considered and not taken: a unit of their own per FP8
-    linear with its own policy, whose FSDP hooks then sit inside the compiled block
-    (fast.compile, fullgraph) and break its graph (FSDP2 wraps its hooks in
-    torch._dynamo.disable; seen with torch 2.13); or resetting FSDP2's private per-parameter
-    param_dtype after fully_shard.
-    """
-    from fastcog.fast.fp8 import fp8_modules
-
-    modules = fp8_modules(transformer)
-    for m in modules:
-        m.weights_as_parameters()
-    return bool(modules)
 
 
 def apply_ddp(transformer: torch.nn.Module, device: torch.device) -> torch.nn.Module:

@@ -3,56 +3,53 @@
 One process, or one per GPU under torchrun (fastcog.parallel: FSDP2, DDP). Every rank runs
 the same loop on its slice of each global batch; rank 0 alone writes config, metrics, the
 progress bar, checkpoint folder names and the exported weights. Everything the user can get
-wrong (config, model folder, data files) is checked before the output directory is touched,
-so a bad run never damages an earlier one.
+wrong (config, model folder, data files) is checked before the output directory is touched
+(fastcog.inputs), so a bad run never damages an earlier one. The model is built by
+fastcog.build, the result exported by fastcog.export.
 """
 
 from __future__ import annotations
 
 import math
-import random
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
-from fastcog.checkpoint import Checkpointer, TrainState, list_checkpoints, load_checkpoint, resolve_resume
-from fastcog.config import Config, save_config, to_dict, validate_for_variant
+from fastcog.build import build_training_model, seed_everything
+from fastcog.checkpoint import Checkpointer, TrainState, load_checkpoint
+from fastcog.config import Config, to_dict
 from fastcog.data.buckets import BucketBatchSampler
-from fastcog.data.cache import CachedDataset, Encoder
-from fastcog.data.listfile import Sample, read_dataset
-from fastcog.data.prepare import cache_dir_for, prepare
-from fastcog.errors import ConfigError, FastcogError
+from fastcog.data.cache import CachedDataset
+from fastcog.errors import FastcogError
+from fastcog.export import export_weights
 from fastcog.fast import check_fast_path
-from fastcog.lora import LORA_WEIGHTS_NAME, export_lora, inject_lora
-from fastcog.metrics import (
-    MetricsWriter,
-    host_peak_rss_gb,
-    peak_flops,
-    peak_memory_gb,
-    transformer_flops_per_sample,
+from fastcog.flops import StepWork, WorkCounter, peak_flops, step_metrics
+from fastcog.inputs import (
+    check_inputs,
+    load_loop_components,
+    max_video_tokens,
+    prepare_dataset,
+    prepare_output_dir,
+    write_demo_data,
 )
-from fastcog.models import TORCH_DTYPES, load_components, read_variant, set_vae_memory_options
+from fastcog.metrics import MetricsWriter, host_peak_rss_gb, peak_memory_gb
 from fastcog.objective import Objective, make_objective
 from fastcog.optim import build_optimizer, check_optimizer_available
 from fastcog.parallel import (
     SINGLE_PROCESS,
     Parallel,
     World,
-    barrier,
     check_optimizer,
     device_for,
     grad_scaler_for,
     init_distributed,
-    parallelize,
     resolve_strategy,
 )
-from fastcog.variants import VariantSpec
 
 
 @dataclass
@@ -92,63 +89,6 @@ class RunSummary:
         ]
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-# --------------------------------------------------------------------------------------------
-# Inputs: checked before anything is written
-# --------------------------------------------------------------------------------------------
-
-
-def check_inputs(cfg: Config, world: World = SINGLE_PROCESS) -> tuple[VariantSpec, list[Sample]]:
-    """Model folder, variant-specific config rules and every data file, before any output.
-
-    The demo's tiny checkpoint and synthetic clips are written here by rank 0 only.
-    """
-    from fastcog.data.synthetic import make_synthetic_dataset
-    from fastcog.models import make_tiny
-
-    d = cfg.data
-    if world.is_main:
-        if cfg.model.create_tiny and not Path(cfg.model.path).exists():
-            make_tiny(cfg.model.create_tiny, cfg.model.path, seed=0, height=d.height, width=d.width,
-                      frames=d.num_frames)
-            print(f"wrote a tiny random {cfg.model.create_tiny} checkpoint to {cfg.model.path}")
-        if d.synthetic_clips:
-            make_synthetic_dataset(
-                d.data_root, num_clips=d.synthetic_clips, num_frames=max(d.num_frames, 8), height=d.height,
-                width=d.width, seed=cfg.train.seed, with_images=d.image_column is not None,
-            )
-    barrier()
-    variant = read_variant(cfg.model.path)
-    validate_for_variant(cfg, variant)
-    samples = read_dataset(d.data_root, metadata_file=d.metadata_file, caption_column=d.caption_column,
-                           video_column=d.video_column, image_column=d.image_column)
-    return variant, samples
-
-
-def prepare_output_dir(cfg: Config, world: World = SINGLE_PROCESS) -> tuple[Path, Path | None]:
-    """Create the output dir; refuse to overwrite an earlier run's checkpoints.
-
-    Every rank checks (so all raise the same error, or none does); rank 0 writes.
-    """
-    out = Path(cfg.train.output_dir)
-    resume = resolve_resume(cfg.checkpoint.resume_from, out)
-    if resume is None and list_checkpoints(out) and cfg.checkpoint.resume_from is None:
-        raise ConfigError(
-            f"train.output_dir={str(out)!r} already holds checkpoints of an earlier run: set "
-            "checkpoint.resume_from=latest to continue it, or choose a new train.output_dir"
-        )
-    if world.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
-    barrier()
-    return out, resume
-
-
 # --------------------------------------------------------------------------------------------
 # Data order: seeded per epoch, resumable mid-epoch
 # --------------------------------------------------------------------------------------------
@@ -186,89 +126,8 @@ def micro_batches(dataset: CachedDataset, cfg: Config, state: TrainState, device
 
 
 # --------------------------------------------------------------------------------------------
-# Model, optimizer
-# --------------------------------------------------------------------------------------------
-
-
-def build_transformer(cfg: Config, device: torch.device, tokens_per_sample: int, *, shards: int = 1,
-                      verbose: bool = True) -> tuple[torch.nn.Module, list[torch.nn.Parameter]]:
-    """Frozen weights in the compute dtype (SFT: fp32 master weights), adapters in fp32, then
-    the fast path (kernels, attention, FP8, activation checkpointing, compile) as configured.
-
-    tokens_per_sample: the largest video token count of any bucket (sizes the checkpointing
-    policy for `auto`); shards: ranks FSDP will shard the weights over. Under FSDP, call
-    parallelize() next and take the parameters again: fully_shard replaces them.
-    """
-    from fastcog.fast import apply_fast_path
-
-    sft = cfg.model.training_type == "sft"
-    comps = load_components(cfg.model.path, "fp32" if sft else cfg.model.dtype, parts=("transformer",))
-    transformer = comps.transformer
-    if sft:
-        transformer.requires_grad_(True)
-        params = list(transformer.parameters())
-    else:
-        params = inject_lora(transformer, cfg.lora)
-    transformer.to(device).train()
-    apply_fast_path(transformer, cfg, device, tokens_per_sample=tokens_per_sample, shards=shards, verbose=verbose)
-    return transformer, params
-
-
-def make_encoder_factory(cfg: Config, device: torch.device, variant: VariantSpec) -> Callable[[], Encoder]:
-    """Loads the VAE and T5 only when something actually needs encoding."""
-
-    def make() -> Encoder:
-        comps = load_components(cfg.model.path, cfg.model.dtype, parts=("vae", "text_encoder", "tokenizer"))
-        set_vae_memory_options(comps.vae, cfg.data.vae_slicing, cfg.data.vae_tiling)
-        return Encoder(comps.vae.to(device), comps.text_encoder.to(device), comps.tokenizer,
-                       variant.max_text_seq_length, device)
-
-    return make
-
-
-def prepare_dataset(cfg: Config, samples: list[Sample], variant: VariantSpec, device: torch.device,
-                    world: World = SINGLE_PROCESS) -> CachedDataset:
-    """Cache every sample (encoding what is missing) and return the training dataset."""
-    result = prepare(cfg, samples, variant.is_i2v, make_encoder_factory(cfg, device, variant), world,
-                     show_progress=cfg.log.progress_bar and world.is_main)
-    if world.is_main:
-        print(result.summary(cache_dir_for(cfg)))
-    if device.type == "cuda":
-        torch.cuda.empty_cache()  # the encoders are gone; give their memory back before training
-    return CachedDataset(result.items, TORCH_DTYPES[cfg.model.dtype])
-
-
-# --------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class StepWork:
-    """What one optimizer step computed, for the throughput metrics."""
-
-    samples: int = 0
-    video_tokens: int = 0
-    flops: float = 0.0
-
-
-class WorkCounter:
-    """Model FLOPs and tokens of a micro-batch (buckets make them vary batch to batch)."""
-
-    def __init__(self, transformer_config: Any, variant: VariantSpec, cfg: Config) -> None:
-        self.config, self.variant, self.cfg = transformer_config, variant, cfg
-        self._flops: dict[int, float] = {}
-
-    def __call__(self, batch: dict[str, torch.Tensor], work: StepWork) -> None:
-        latents = batch["latents"]
-        tokens = video_tokens(latents.shape[1:], self.variant)
-        if tokens not in self._flops:
-            sft = self.cfg.model.training_type == "sft"
-            self._flops[tokens] = transformer_flops_per_sample(
-                self.config, tokens, None if sft else self.cfg.lora.rank, self.cfg.lora.target_modules, sft)
-        work.samples += latents.shape[0]
-        work.video_tokens += latents.shape[0] * tokens
-        work.flops += latents.shape[0] * self._flops[tokens]
 
 
 def forward_backward(objective: Objective, transformer: torch.nn.Module, batch: dict, cfg: Config,
@@ -326,51 +185,6 @@ def total_steps(cfg: Config, batches_per_epoch: int) -> int:
     return max(1, math.ceil(cfg.train.train_epochs * batches_per_epoch / cfg.train.gradient_accumulation_steps))
 
 
-def load_loop_components(cfg: Config, variant: VariantSpec, device: torch.device) -> Any:
-    """What the loop needs besides the transformer: the scheduler always; the VAE for I2V (the
-    image is encoded every step) and for validation; T5 only for validation."""
-    parts = ["scheduler"]
-    if variant.is_i2v or cfg.validation.every_steps:
-        parts.append("vae")
-    if cfg.validation.every_steps:
-        parts += ["text_encoder", "tokenizer"]
-    comps = load_components(cfg.model.path, cfg.model.dtype, parts=tuple(parts))
-    if comps.vae is not None:
-        set_vae_memory_options(comps.vae, cfg.data.vae_slicing, cfg.data.vae_tiling)
-        comps.vae.to(device)
-    return comps
-
-
-def build_parallel_model(cfg: Config, strategy: str, world: World, device: torch.device, tokens_per_sample: int,
-                         ) -> tuple[Parallel, list[torch.nn.Parameter]]:
-    """The transformer, patched and wrapped for the strategy, and its trainable parameters.
-
-    Seeded first, so the LoRA initialisation is the same on every rank and in every run
-    (whatever the data preparation drew from the RNG before): FSDP shards each rank's copy,
-    so they must agree.
-    """
-    seed_everything(cfg.train.seed)
-    shards = world.world_size // cfg.parallel.replicate_degree if strategy == "fsdp" else 1
-    transformer, _ = build_transformer(cfg, device, tokens_per_sample, shards=shards, verbose=world.is_main)
-    par = parallelize(transformer, cfg.parallel, strategy, world, device, cfg.model.dtype)
-    # fully_shard swapped every parameter for a DTensor shard: take them again.
-    return par, [p for p in transformer.parameters() if p.requires_grad]
-
-
-def step_metrics(state: TrainState, loss: float, grad_norm: float, lr: float, dt: float, work: StepWork,
-                 world: World, peak: float | None, device: torch.device) -> dict[str, Any]:
-    """One metrics.jsonl record. Throughput counts the global batch (every rank's slice has the
-    same shape); tflops is the whole job's, mfu is per device."""
-    n = world.world_size
-    tflops = work.flops * n / dt / 1e12
-    return {
-        "step": state.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "step_time_s": dt,
-        "samples_per_s": work.samples * n / dt, "tokens_per_s": work.video_tokens * n / dt,
-        "tflops": tflops, "mfu": None if peak is None else tflops * 1e12 / (peak * n),
-        "mem_peak_gb": peak_memory_gb(device),
-    }
-
-
 def train(cfg: Config) -> RunSummary:
     """Run a whole training job described by `cfg`; returns the end-of-run summary.
 
@@ -383,14 +197,17 @@ def train(cfg: Config) -> RunSummary:
     check_optimizer_available(cfg)
     device = device_for(world)
     check_fast_path(cfg, device)
-    variant, samples = check_inputs(cfg, world)
+    write_demo_data(cfg, world)
+    variant, samples = check_inputs(cfg)
     out, resume_path = prepare_output_dir(cfg, world)
     seed_everything(cfg.train.seed)
 
     dataset = prepare_dataset(cfg, samples, variant, device, world)
     comps = load_loop_components(cfg, variant, device)
     bucket_of = [it.bucket for it in dataset.items]
-    par, params = build_parallel_model(cfg, strategy, world, device, max_video_tokens(dataset, variant))
+    model = build_training_model(cfg, device, tokens_per_sample=max_video_tokens(dataset, variant), world=world,
+                                 strategy=strategy, verbose=world.is_main)
+    par, params = model.par, model.params
     transformer = par.module
     objective = make_objective(cfg, variant, comps.scheduler, comps.vae)
     if world.distributed:
@@ -472,67 +289,3 @@ def run_validation(cfg: Config, comps: Any, par: Parallel, out: Path, step: int,
     if metrics is not None:
         for path in written:
             metrics.log_video(f"validation/{path.stem}", path, step)
-
-
-# --------------------------------------------------------------------------------------------
-# Export: the diffusers-format result, written by rank 0
-# --------------------------------------------------------------------------------------------
-
-
-def export_weights(cfg: Config, par: Parallel, out: Path, variant: VariantSpec) -> Path:
-    """LoRA: out/lora/pytorch_lora_weights.safetensors; SFT: out/transformer (a diffusers folder).
-
-    Under FSDP the full trainable state is first gathered to rank 0 (on the CPU); under DDP and
-    in one process rank 0 already holds it.
-    """
-    sft = cfg.model.training_type == "sft"
-    path = out / "transformer" if sft else out / "lora" / LORA_WEIGHTS_NAME
-    full = gather_full_state(par.module, trainable_only=not sft) if par.strategy == "fsdp" else None
-    if par.world.is_main:
-        if sft:
-            save_transformer(par.module, path, full)
-        else:
-            export_lora(par.module, cfg.lora, path.parent, variant.is_i2v, state_dict=full)
-    barrier()
-    return path
-
-
-def gather_full_state(module: torch.nn.Module, trainable_only: bool) -> dict[str, torch.Tensor]:
-    """Whole (unsharded) tensors on rank 0's CPU, by parameter name; empty on other ranks. Collective."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
-    return get_model_state_dict(module, options=options)
-
-
-def save_transformer(transformer: torch.nn.Module, path: Path, full: dict[str, torch.Tensor] | None) -> None:
-    """save_pretrained of the trained transformer; from `full` (gathered tensors) when given.
-
-    The gathered tensors are put into a parameter-less copy built on the meta device, so the
-    export needs no second full model in memory.
-    """
-    if full is None:
-        transformer.save_pretrained(path)
-        return
-    from diffusers import CogVideoXTransformer3DModel
-
-    with torch.device("meta"):
-        plain = CogVideoXTransformer3DModel.from_config(transformer.config)
-    plain.load_state_dict(full, assign=True)
-    plain.save_pretrained(path)
-
-
-def max_video_tokens(dataset: CachedDataset, variant: VariantSpec) -> int:
-    """The largest per-sample video token count over the dataset's buckets (one item read each)."""
-    first_of_bucket: dict[int, int] = {}
-    for i, item in enumerate(dataset.items):
-        first_of_bucket.setdefault(item.bucket, i)
-    return max(video_tokens(dataset[i]["latents"].shape, variant) for i in first_of_bucket.values())
-
-
-def video_tokens(latent_shape: torch.Size, variant: VariantSpec) -> int:
-    """Transformer video tokens for one sample with cached latents of shape [C, F, H, W]."""
-    _, f, h, w = latent_shape
-    if variant.patch_size_t:
-        f = math.ceil(f / variant.patch_size_t)
-    return f * (h // variant.patch_size) * (w // variant.patch_size)

@@ -34,8 +34,9 @@ from fastcog.checkpoint import list_checkpoints, load_checkpoint, read_trainable
 from fastcog.config import ParallelConfig, config_from_dict, validate
 from fastcog.data.synthetic import make_synthetic_dataset
 from fastcog.errors import ConfigError, FastcogError
+from fastcog.inputs import check_inputs, prepare_dataset
 from fastcog.parallel import World, check_optimizer, resolve_strategy
-from fastcog.trainer import check_inputs, prepare_dataset, train
+from fastcog.trainer import train
 
 FP32_RTOL = 1e-6
 BF16_RTOL = 1e-3

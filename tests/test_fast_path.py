@@ -130,11 +130,12 @@ def test_all_switches_off_is_the_reference_model(tiny_checkpoint):
     """fast: {} leaves diffusers' processors and diffusers' gradient checkpointing in place."""
     from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
 
-    from fastcog.trainer import build_transformer
+    from fastcog.build import load_transformer, parallelize_model
 
     cfg = config_from_dict({"model": {"path": str(tiny_checkpoint("cogvideox-5b")), "dtype": "fp32"},
                             "data": {"data_root": "unused"}, "lora": {"rank": 4}})
-    model, _ = build_transformer(cfg, torch.device("cpu"), tokens_per_sample=72)
+    model = parallelize_model(load_transformer(cfg, torch.device("cpu")), cfg, torch.device("cpu"),
+                              tokens_per_sample=72).par.module
     assert model.gradient_checkpointing
     assert all(type(b.attn1.processor) is CogVideoXAttnProcessor2_0 for b in model.transformer_blocks)
     assert all("forward" not in vars(m) for m in model.modules())  # no patched forwards

@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from fastcog.build import parallelize_model
 from fastcog.config import config_from_dict
 from fastcog.errors import ConfigError
-from fastcog.fast import apply_fast_path
 from fastcog.fast import checkpointing as ac
 from fastcog.fast.attention import ATTENTION_OPS, choose_backend
 from fastcog.lora import inject_lora, trainable_state_dict
@@ -35,7 +35,7 @@ def patched_model(path, fast=None, policy="none", **sections):
             if "lora_B" in name:
                 p.normal_(0, 0.1)
     model.train()
-    report = apply_fast_path(model, cfg, torch.device("cpu"), tokens_per_sample=TOKENS, verbose=False)
+    report = parallelize_model(model, cfg, torch.device("cpu"), tokens_per_sample=TOKENS, verbose=False).report
     return model, report
 
 

@@ -207,6 +207,7 @@ def _stored_bytes(model: torch.nn.Module, shards: int) -> tuple[int, int]:
 
 
 def worker(out_dir: str, model_path: str, replicate: int, kinds: list[str]) -> None:
+    from fastcog.build import shard_fp8_weights
     from fastcog.config import ParallelConfig
     from fastcog.fast.fp8 import fp8_modules
     from fastcog.parallel import init_distributed, parallelize, shutdown_distributed
@@ -224,8 +225,9 @@ def worker(out_dir: str, model_path: str, replicate: int, kinds: list[str]) -> N
                 for block in [*model.transformer_blocks, *reference.transformer_blocks]:
                     block.compile(fullgraph=True, backend="aot_eager")
             whole = fp8_bytes(model)
+            param_dtype = None if shard_fp8_weights(model) else torch.bfloat16  # as fastcog.build does
             par = parallelize(
-                model, ParallelConfig(replicate_degree=replicate), "fsdp", world, torch.device("cpu"), "bf16"
+                model, ParallelConfig(replicate_degree=replicate), "fsdp", world, torch.device("cpu"), param_dtype
             )
             fp8_params = {n: p for n, p in par.module.named_parameters() if p.dtype in FP8}
             r = {

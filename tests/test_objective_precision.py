@@ -175,7 +175,7 @@ def test_vae_tiling_and_slicing_follow_the_config_for_the_step_encode(tiny_check
     """data.vae_tiling / vae_slicing (on by default, as the reference) reach the VAE that encodes
     the I2V image every step, not only the caching one."""
     from fastcog.config import DataConfig
-    from fastcog.trainer import load_loop_components
+    from fastcog.inputs import load_loop_components
 
     assert DataConfig().vae_tiling and DataConfig().vae_slicing
     path = tiny_checkpoint("cogvideox-5b-i2v")

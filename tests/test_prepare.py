@@ -15,9 +15,10 @@ from safetensors.torch import load_file
 
 from fastcog.config import config_from_dict, validate
 from fastcog.data.prepare import cache_dir_for, prepare
-from fastcog.data.synthetic import make_mixed_dataset, truncate_file
 from fastcog.errors import DataError, FastcogError
-from fastcog.trainer import check_inputs, make_encoder_factory, train
+from fastcog.inputs import check_inputs, make_encoder_factory
+from fastcog.trainer import train
+from tests.media import make_mixed_dataset, truncate_file
 
 SPECS = [  # several sizes, lengths and frame rates
     {"num_frames": 12, "height": 48, "width": 80, "fps": 8},

@@ -98,15 +98,15 @@ def test_export_loads_into_diffusers_with_alpha(tiny_checkpoint, clips, tmp_path
     """The exported LoRA in CogVideoXPipeline gives the trained model's output (alpha != rank)."""
     from diffusers import CogVideoXPipeline
 
+    from fastcog.build import load_transformer
     from fastcog.checkpoint import read_trainable
     from fastcog.lora import load_trainable_state_dict
     from fastcog.objective import RotaryCache
-    from fastcog.trainer import build_transformer
 
     model = tiny_checkpoint("cogvideox-5b")
     cfg = make_cfg(model, clips, tmp_path / "run", lora={"rank": 4, "alpha": 2}, optim={"lr": 5e-3})
     train(cfg)
-    trained, _ = build_transformer(cfg, torch.device("cpu"), tokens_per_sample=1)
+    trained = load_transformer(cfg, torch.device("cpu"))
     load_trainable_state_dict(trained, read_trainable(tmp_path / "run" / "checkpoint-4"))
     pipe = CogVideoXPipeline.from_pretrained(model)
     pipe.load_lora_weights(tmp_path / "run" / "lora")

@@ -16,7 +16,6 @@ if TYPE_CHECKING:
     from fastcog.config import Config
     from fastcog.variants import VariantSpec
 
-    from .paths import PathSpec
 
 
 # --------------------------------------------------------------------------------------------
@@ -122,11 +121,11 @@ def make_batches(n: int, batch: int, latent_shape: tuple[int, ...], text_shape: 
 
 
 def setup_bench(args: argparse.Namespace, cfg: Config, variant_name: str, tiny: bool, device: torch.device,
-                paths: list[PathSpec], warmup: int) -> Bench:
+                max_steps: int, warmup: int) -> Bench:
+    """max_steps: the most timed steps of any path (each path takes its batches from the start)."""
     from fastcog.config import validate_for_variant
-    from fastcog.metrics import peak_flops, transformer_flops_per_sample
+    from fastcog.flops import peak_flops, transformer_flops_per_sample, video_tokens
     from fastcog.models import TORCH_DTYPES
-    from fastcog.trainer import video_tokens
     from fastcog.variants import VAE_SPATIAL_FACTOR, detect_variant
 
     tcfg, source = transformer_arch(args, cfg, variant_name, tiny)
@@ -138,7 +137,7 @@ def setup_bench(args: argparse.Namespace, cfg: Config, variant_name: str, tiny: 
                     d.width // VAE_SPATIAL_FACTOR)
     tokens = video_tokens(latent_shape, variant)
     text_shape = (variant.max_text_seq_length, variant.text_embed_dim)
-    total = warmup + max(p.steps for p in paths)
+    total = warmup + max_steps
     return Bench(
         device=device, variant=variant, transformer_config=tcfg, arch_source=source, checkpoint=args.checkpoint,
         tiny=tiny, dtype=cfg.model.dtype, seed=cfg.train.seed, warmup=warmup, total_steps=total,

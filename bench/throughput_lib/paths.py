@@ -210,14 +210,15 @@ def build_reference(model: Any, params: list, cfg: Config, bench: Bench) -> tupl
 
 
 def build_fastcog(model: Any, params: list, cfg: Config, bench: Bench) -> tuple[Any, Any, Any, dict]:
-    from fastcog.fast import apply_fast_path
+    """fastcog's path, patched by the trainer's own fastcog.build.parallelize_model."""
+    from fastcog.build import parallelize_model
     from fastcog.objective import make_objective
     from fastcog.optim import build_optimizer
 
-    fast_report = apply_fast_path(model, cfg, bench.device, tokens_per_sample=bench.video_tokens, verbose=False)
+    built = parallelize_model(model, cfg, bench.device, tokens_per_sample=bench.video_tokens, verbose=False)
     objective = make_objective(cfg, bench.variant, bench.scheduler, bench.vae)
-    optimizer, lr_scheduler = build_optimizer(cfg, params, bench.total_steps)
-    report = dataclasses.asdict(fast_report) if dataclasses.is_dataclass(fast_report) else {"report": str(fast_report)}
+    optimizer, lr_scheduler = build_optimizer(cfg, built.params, bench.total_steps)
+    report = dataclasses.asdict(built.report)
     for key, value in list(report.items()):  # lists of module names: the count is what a reader needs
         if key != "lines" and isinstance(value, list):
             report[key] = len(value)
