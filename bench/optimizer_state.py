@@ -32,6 +32,7 @@ import torch
 
 from fastcog.config import OPTIMIZERS, LoraConfig, config_from_dict
 from fastcog.optim import build_optimizer, optimizer_state_bytes
+from fastcog.optimizers import OPTIMIZER_SPECS
 
 DEMO_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
 # 5B LoRA r128 on to_q/k/v/out.0: 42 blocks x 4 linears x (A [128, 3072] + B [3072, 128]).
@@ -119,16 +120,21 @@ def main() -> None:
         "`demo` = configs/demo.yaml's LoRA (rank 16, six targets) on the tiny model; `demo-r128` the same at",
         "rank 128; `lora-5b` = 40 A [128, 3072] (random) + 40 B [3072, 128] (zero, as peft initialises B).",
         "",
-        "| optim.name | " + " | ".join(f"{k} B/value" for k in PARAM_SETS) + " | 5B LoRA r128, GB (computed) |",
-        "|---|" + "---:|" * (len(PARAM_SETS) + 1),
+        "| optim.name | " + " | ".join(f"{k} B/value" for k in PARAM_SETS)
+        + " | 5B LoRA r128, GB (computed) | fastcog.optimizers B/value |",
+        "|---|" + "---:|" * (len(PARAM_SETS) + 2),
     ]
     for name in OPTIMIZERS:
         per_value = [rows[name, k] / values[k] for k in PARAM_SETS]
         gb = per_value[-1] * LORA_5B_VALUES / 1e9
-        lines.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in per_value) + f" | {gb:.2f} |")
+        lines.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in per_value)
+                     + f" | {gb:.2f} | {OPTIMIZER_SPECS[name].state_bytes:.3f} |")
     lines += [
         "",
-        f"The last column is the `lora-5b` figure times the {LORA_5B_VALUES:,} values of 5B LoRA r128 on",
+        "The last column is the state_bytes of fastcog.optimizers, which the activation-checkpointing memory",
+        "estimate uses: it should match the `4096x4096` column (tensors the optimizer quantises or factors).",
+        "",
+        f"The GB column is the `lora-5b` figure times the {LORA_5B_VALUES:,} values of 5B LoRA r128 on",
         "to_q/to_k/to_v/to_out.0 (42 blocks): a computed figure, not a measurement on the real model.",
         "",
         "Notes:",

@@ -14,19 +14,21 @@ from typing import Any
 
 import torch
 
+from fastcog import dtypes
 from fastcog.errors import ModelError
 from fastcog.variants import (
     FULL_TRANSFORMER_CONFIGS,
     INVERT_SCALE_LATENTS,
     SNR_SHIFT_SCALE,
     VAE_SCALING,
+    VAE_SPATIAL_FACTOR,
     VARIANTS,
     VariantSpec,
     detect_variant,
 )
 
 COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
-TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+TORCH_DTYPES = {name: dtypes.torch_dtype(name) for name in dtypes.DTYPES}
 
 
 @dataclass
@@ -160,8 +162,8 @@ def tiny_transformer_config(variant: str, height: int, width: int, frames: int) 
         time_embed_dim=32,
         text_embed_dim=32,
         max_text_seq_length=16,
-        sample_height=height // 8,
-        sample_width=width // 8,
+        sample_height=height // VAE_SPATIAL_FACTOR,
+        sample_width=width // VAE_SPATIAL_FACTOR,
         sample_frames=frames,
     )
     if cfg.get("ofs_embed_dim") is not None:

@@ -3,20 +3,11 @@
 `build_optimizer(cfg, params, total_steps)` returns (optimizer, lr_scheduler); the schedule is
 always diffusers' `get_scheduler`, as in the reference.
 
-optim.name      class                                 state bytes per trained value (measured, LoRA-sized
-                                                      tensors; bench/results/optimizer_state_cpu_2026-11-24.md)
-adamw, adam     torch.optim.AdamW / Adam              8
-adamw8bit_bnb   bitsandbytes.optim.AdamW8bit          2.03 for tensors of >= 4096 values (min_8bit_size), else 8
-adamw8bit       torchao.optim.AdamW8bit               2.03 for tensors of >= 4096 values and a multiple of 256, else 8
-adamw4bit       torchao.optim.AdamW4bit               1.06 for tensors of >= 4096 values and a multiple of 128, else 8
-adamw_fp8       torchao.optim.AdamWFp8                2.03 for tensors of >= 4096 values and a multiple of 256, else 8
-prodigy         prodigyopt.Prodigy (decouple=True)    16: it keeps a copy of the initial weights (12 for a tensor
-                                                      that starts at zero, like LoRA B)
-came            came_pytorch.CAME                     4.0 for matrices (factored second moments), 8 for vectors
-
-Because of those thresholds the tiny demo model at LoRA rank 16 (every tensor < 4096 values) gets
-no saving from a low-bit optimizer; at rank 128 it does. The optional packages are imported only
-when chosen; a missing one is a ConfigError naming the pip package.
+The optimizers themselves (optim.name -> class, pip package, optimizer-state bytes per trained
+value, whether they run under FSDP) are listed once, in fastcog.optimizers. The low-bit ones
+quantise only tensors above a size threshold (see there), so the tiny demo model at LoRA rank 16
+(every tensor < 4096 values) gets no saving from them; at rank 128 it does. The optional
+packages are imported only when chosen; a missing one is a ConfigError naming the pip package.
 
 optim.cpu_offload wraps the chosen class in torchao's CPUOffloadOptimizer: one optimizer per
 tensor of >= 4096 values, its state and step on the CPU; smaller tensors keep a device-side
@@ -44,21 +35,10 @@ import torch
 
 from fastcog.config import Config, OptimConfig
 from fastcog.errors import ConfigError
-
-# optim.name -> (module, class, pip package); imported lazily: only the chosen one must be installed.
-OPTIMIZER_CLASSES: dict[str, tuple[str, str, str]] = {
-    "adamw": ("torch.optim", "AdamW", "torch"),
-    "adam": ("torch.optim", "Adam", "torch"),
-    "adamw8bit_bnb": ("bitsandbytes.optim", "AdamW8bit", "bitsandbytes"),
-    "adamw8bit": ("torchao.optim", "AdamW8bit", "torchao"),
-    "adamw4bit": ("torchao.optim", "AdamW4bit", "torchao"),
-    "adamw_fp8": ("torchao.optim", "AdamWFp8", "torchao"),
-    "prodigy": ("prodigyopt", "Prodigy", "prodigyopt"),
-    "came": ("came_pytorch", "CAME", "came-pytorch"),
-}
+from fastcog.optimizers import OPTIMIZER_SPECS
 
 # torchao's low-bit AdamWs: their step is compiled (see _without_autograd_cache for FSDP).
-TORCHAO_LOW_BIT = tuple(name for name, (module, _, _) in OPTIMIZER_CLASSES.items() if module == "torchao.optim")
+TORCHAO_LOW_BIT = tuple(name for name, spec in OPTIMIZER_SPECS.items() if spec.module == "torchao.optim")
 
 # Prodigy estimates the step size D itself and multiplies it by lr: lr outside this range is
 # almost certainly an AdamW learning rate carried over (2e-5 would make every step ~50,000x too small).
@@ -77,10 +57,10 @@ def _import(module: str, pip_name: str, what: str) -> ModuleType:
 
 def optimizer_class(o: OptimConfig) -> type[torch.optim.Optimizer]:
     """The optimizer class for optim.name (importing its package now)."""
-    if o.name not in OPTIMIZER_CLASSES:
-        raise ConfigError(f"optim.name={o.name!r} is not one of {list(OPTIMIZER_CLASSES)}")
-    module, cls_name, pip_name = OPTIMIZER_CLASSES[o.name]
-    return getattr(_import(module, pip_name, f"optim.name={o.name!r}"), cls_name)
+    if o.name not in OPTIMIZER_SPECS:
+        raise ConfigError(f"optim.name={o.name!r} is not one of {list(OPTIMIZER_SPECS)}")
+    spec = OPTIMIZER_SPECS[o.name]
+    return getattr(_import(spec.module, spec.pip, f"optim.name={o.name!r}"), spec.cls)
 
 
 def optimizer_kwargs(o: OptimConfig) -> dict[str, Any]:
@@ -91,7 +71,7 @@ def optimizer_kwargs(o: OptimConfig) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"lr": o.lr, "betas": o.betas, "eps": o.eps, "weight_decay": o.weight_decay}
     if o.name == "prodigy":
         kwargs.update(decouple=True, d_coef=o.prodigy_d_coef, safeguard_warmup=o.prodigy_safeguard_warmup)
-    if o.fused:  # validate() allows it for adamw / adam only; fused=True also runs on CPU (torch >= 2.4)
+    if o.fused:  # validate() allows it where fastcog.optimizers says so; fused=True also runs on CPU (torch >= 2.4)
         kwargs["fused"] = True
     return kwargs
 

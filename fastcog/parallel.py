@@ -204,7 +204,7 @@ class Parallel:
 
 def mixed_precision_dtype(dtype: str) -> torch.dtype | None:
     """FSDP's param_dtype for model.dtype: the compute dtype, or None (no casting) for fp32."""
-    return None if dtype == "bf16" else torch_dtype(dtype)
+    return None if dtype == "fp32" else torch_dtype(dtype)
 
 
 def parallelize(transformer: torch.nn.Module, par: ParallelConfig, strategy: str, world: World,

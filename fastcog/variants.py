@@ -8,7 +8,7 @@ from a name, so a fine-tuned or re-saved checkpoint is recognised by what it is.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from fastcog.errors import ModelError
 
@@ -19,6 +19,7 @@ VARIANTS = (
     "cogvideox1.5-5b",
     "cogvideox1.5-5b-i2v",
 )
+VariantName = Literal[VARIANTS]  # type: ignore[valid-type]
 
 
 @dataclass(frozen=True)

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 from pathlib import Path
 
 import pytest
 import yaml
 
 from fastcog.config import (
+    ATTENTION_BACKENDS,
+    DTYPES,
+    LR_SCHEDULES,
+    OPTIMIZERS,
+    SECTIONS,
     Config,
     apply_overrides,
     config_from_dict,
@@ -18,8 +24,10 @@ from fastcog.config import (
     validate,
     validate_for_variant,
 )
+from fastcog.config_validate import literal_values
 from fastcog.errors import ConfigError, FastcogError
-from fastcog.variants import FULL_TRANSFORMER_CONFIGS, detect_variant
+from fastcog.optimizers import OPTIMIZER_SPECS
+from fastcog.variants import FULL_TRANSFORMER_CONFIGS, VARIANTS, detect_variant
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -367,6 +375,88 @@ def test_unknown_choice_suggests_the_closest() -> None:
         check(with_(MINIMAL, model={"create_tiny": "cogvideox-9b"}))
     with pytest.raises(ConfigError, match="log.report_to"):
         check(with_(MINIMAL, log={"report_to": "wandbb"}))
+
+
+# Every field annotated Literal[...] (also `Literal[...] | None`), with its allowed values.
+CHOICE_FIELDS = {
+    f"{name}.{key}": values
+    for name, cls in SECTIONS.items()
+    for key, tp in typing.get_type_hints(cls).items()
+    if (values := literal_values(tp)) is not None
+}
+
+
+def test_fixed_choice_fields_are_literal_annotated() -> None:
+    """The string fields that accept a fixed set carry it in their annotation, the only check there is."""
+    assert set(CHOICE_FIELDS) == {
+        "model.variant", "model.dtype", "model.training_type", "model.create_tiny", "model.i2v_image_scale",
+        "data.sampling", "data.resize", "data.latent_mode", "optim.name", "optim.lr_scheduler",
+        "train.activation_checkpointing", "fast.attention", "fast.fp8", "parallel.strategy", "log.report_to",
+    }
+    # The exported name lists are the annotations' values, which come from their owners.
+    assert CHOICE_FIELDS["model.dtype"] == DTYPES == ("fp32", "bf16", "fp16")
+    assert CHOICE_FIELDS["optim.name"] == OPTIMIZERS == tuple(OPTIMIZER_SPECS)
+    assert CHOICE_FIELDS["optim.lr_scheduler"] == LR_SCHEDULES
+    assert CHOICE_FIELDS["fast.attention"] == ATTENTION_BACKENDS
+    assert CHOICE_FIELDS["model.variant"] == ("auto", *VARIANTS)
+    assert CHOICE_FIELDS["model.create_tiny"] == VARIANTS
+
+
+def test_lr_schedules_are_names_diffusers_accepts() -> None:
+    from diffusers.optimization import SchedulerType
+
+    assert set(LR_SCHEDULES) <= {s.value for s in SchedulerType}
+
+
+@pytest.mark.parametrize("field", sorted(CHOICE_FIELDS))
+def test_literal_field_rejects_a_value_outside_its_annotation(field: str) -> None:
+    section, key = field.split(".")
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(with_(MINIMAL, **{section: {key: "no-such-value"}}))
+    msg = str(err.value)
+    assert f"{field}='no-such-value' is not one of" in msg
+    assert all(repr(value) in msg for value in CHOICE_FIELDS[field])
+    # every allowed value loads
+    for value in CHOICE_FIELDS[field]:
+        config_from_dict(with_(MINIMAL, **{section: {key: value}}))
+
+
+@pytest.mark.parametrize(
+    ("field", "typo", "suggestion"),
+    [("fast.attention", "flsh", "'flash'"), ("optim.name", "adamw4bits", "'adamw4bit'"),
+     ("train.activation_checkpointing", "selectiv", "'selective'"), ("model.dtype", "bf61", "'bf16'")],
+)
+def test_literal_field_suggests_the_closest_value(field: str, typo: str, suggestion: str) -> None:
+    section, key = field.split(".")
+    with pytest.raises(ConfigError, match=rf"{field}='{typo}'.*did you mean {suggestion}"):
+        config_from_dict(with_(MINIMAL, **{section: {key: typo}}))
+
+
+def test_literal_field_given_a_yaml_bool_asks_for_a_string(tmp_path: Path) -> None:
+    path = tmp_path / "cfg.yaml"
+    path.write_text("model: {path: ckpt}\ndata: {data_root: clips}\nfast: {fp8: off}\n")  # YAML 1.1: off = false
+    with pytest.raises(ConfigError, match=r"fast\.fp8=False is not one of \['none', 'tensorwise', 'rowwise'\]: "
+                                          "expected a string"):
+        load_config(path)
+
+
+def test_validate_checks_literals_of_a_config_built_in_code() -> None:
+    cfg = config_from_dict(MINIMAL)
+    bad = dataclasses.replace(cfg, fast=dataclasses.replace(cfg.fast, attention="flsh"))
+    with pytest.raises(ConfigError, match=r"fast\.attention='flsh'.*'flash'"):
+        validate(bad)
+    validate(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, create_tiny=None)))
+
+
+def test_model_dtypes_have_one_torch_table() -> None:
+    import torch
+
+    from fastcog.models import TORCH_DTYPES
+    from fastcog.parallel import mixed_precision_dtype
+
+    assert TORCH_DTYPES == {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    assert tuple(TORCH_DTYPES) == DTYPES
+    assert [mixed_precision_dtype(name) for name in DTYPES] == [None, torch.bfloat16, torch.float16]
 
 
 @pytest.mark.parametrize(("section", "key"), [("model", "path"), ("data", "data_root")])

@@ -13,10 +13,13 @@ import pytest
 import torch
 
 import fastcog.trainer
-from fastcog.config import OPTIMIZERS, Config, config_from_dict, validate
+from fastcog.config import OPTIMIZERS, Config, OptimConfig, config_from_dict, validate
 from fastcog.data.synthetic import make_synthetic_dataset
 from fastcog.errors import ConfigError
-from fastcog.optim import OPTIMIZER_CLASSES, build_optimizer, check_optimizer_available, optimizer_state_bytes
+from fastcog.fast.checkpointing import optimizer_bytes
+from fastcog.optim import build_optimizer, check_optimizer_available, optimizer_state_bytes
+from fastcog.optimizers import OPTIMIZER_SPECS
+from fastcog.parallel import check_optimizer
 from fastcog.trainer import train
 
 LOW_BIT = ("adamw8bit_bnb", "adamw8bit", "adamw4bit", "adamw_fp8")
@@ -98,6 +101,33 @@ def test_state_bytes_count_the_quantised_internals() -> None:
     assert sizes["adamw8bit"] == 2 * (big + big // 256 * 4 + 256 * 4) + 8 * small + 2 * 4
 
 
+# One matrix every low-bit optimizer quantises (>= 4096 values, a multiple of 256) and CAME factors,
+# large enough that per-tensor extras (torchao's 2 KB quantisation maps, CAME's row and column
+# statistics, the step counters) stay under 1% of the state.
+REGISTRY_SHAPE = (512, 512)
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_registry_state_bytes_are_what_the_optimizer_keeps(name: str) -> None:
+    """fastcog.optimizers' bytes per value (which fastcog.fast.checkpointing.optimizer_bytes uses for
+    train.activation_checkpointing=auto) against the state the real optimizer holds after one step."""
+    params = [torch.nn.Parameter(0.1 * torch.randn(REGISTRY_SHAPE, generator=torch.Generator().manual_seed(0)))]
+    optimizer, scheduler = build_optimizer(make_cfg(name), params, total_steps=2)
+    run_steps(params, optimizer, scheduler, range(1))
+    values = params[0].numel()
+    measured = optimizer_state_bytes(optimizer) / values
+    assert OPTIMIZER_SPECS[name].state_bytes == pytest.approx(measured, rel=0.01)
+    # optimizer_bytes adds the fp32 gradient
+    assert optimizer_bytes(params, name) / values == pytest.approx(4 + measured, rel=0.01)
+
+
+def test_optimizer_bytes_counts_prodigys_copy_of_the_weights() -> None:
+    """Prodigy keeps its two moments, s and the initial weights: 16 bytes per value, plus the gradient."""
+    params = [torch.nn.Parameter(torch.ones(1000)), torch.nn.Parameter(torch.ones(24))]
+    assert optimizer_bytes(params, "prodigy") == 1024 * (4 + 16)
+    assert optimizer_bytes(params, "adamw") == 1024 * (4 + 8)
+
+
 def test_config_reaches_the_optimizer() -> None:
     def group(name: str, **optim: Any) -> dict[str, Any]:
         optimizer, _ = build_optimizer(make_cfg(name, **optim), make_params(), total_steps=2)
@@ -150,9 +180,9 @@ def test_state_survives_save_and_load(name: str, tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", [n for n in OPTIMIZERS if OPTIMIZER_CLASSES[n][2] != "torch"])
+@pytest.mark.parametrize("name", [n for n in OPTIMIZERS if OPTIMIZER_SPECS[n].pip != "torch"])
 def test_missing_package_names_the_pip_package(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    module, _, pip_name = OPTIMIZER_CLASSES[name]
+    module, pip_name = OPTIMIZER_SPECS[name].module, OPTIMIZER_SPECS[name].pip
     monkeypatch.setitem(sys.modules, module, None)  # makes `import module` raise ImportError
     with pytest.raises(ConfigError, match=f"pip install {pip_name}"):
         check_optimizer_available(make_cfg(name))
@@ -169,11 +199,30 @@ def test_prodigy_warns_when_lr_is_not_about_one() -> None:
     ({"name": "prodigy", "cpu_offload": True}, {}, "separate step-size estimate per tensor"),
     ({"cpu_offload": True}, {"dtype": "fp16"}, "use model.dtype: bf16"),
     ({"betas": [0.9, 1.0]}, {}, r"must be in \[0, 1\)"),
+    ({"name": "adamw8bit", "fused": True}, {}, r"optim.fused=true applies to adamw / adam only"),
 ])
 def test_validate_rejects_optimizer_combinations(optim: dict, model: dict, match: str) -> None:
     cfg = config_from_dict({"model": {"path": "unused", **model}, "data": {"data_root": "unused"}, "optim": optim})
     with pytest.raises(ConfigError, match=match):
         validate(cfg)
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_fsdp_refusal_and_its_alternatives_come_from_the_registry(name: str) -> None:
+    """Refused: the optimizers measured to step FSDP's shards wrongly or not at all (tests/test_distributed.py);
+    the message gives the registry's reason and lists every optimizer that can."""
+    refused = {n for n, spec in OPTIMIZER_SPECS.items() if spec.fsdp_refusal}
+    assert refused == {"came", "adamw8bit_bnb", "prodigy"}
+    check_optimizer(OptimConfig(name=name), "ddp")
+    if name not in refused:
+        check_optimizer(OptimConfig(name=name), "fsdp")
+        return
+    with pytest.raises(ConfigError) as err:
+        check_optimizer(OptimConfig(name=name), "fsdp")
+    msg = str(err.value)
+    assert f"optim.name={name!r} cannot run under FSDP: {OPTIMIZER_SPECS[name].fsdp_refusal}" in msg
+    assert "parallel.strategy=ddp" in msg
+    assert msg.rsplit("one of ", 1)[1].split(", ") == [n for n in OPTIMIZERS if n not in refused]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only behaviour; the GPU test below covers CUDA")

@@ -30,6 +30,7 @@ import torch
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from fastcog.fast.attention import ATTENTION_OPS
+from fastcog.optimizers import OPTIMIZER_SPECS
 
 POLICIES = ("none", "selective", "full")  # fastest first
 
@@ -175,9 +176,7 @@ def choose_policy(estimate: ActivationEstimate, budget_bytes: int) -> str:
 
 
 def optimizer_bytes(params: list[torch.nn.Parameter], optimizer_name: str) -> int:
-    """Expected gradient + optimizer-state bytes of the trainable params (fp32 grads; Adam
-    moments fp32, 8-bit or 4-bit; see bench/results/optimizer_state_cpu_*.md)."""
-    state_per_param = {"adamw8bit": 2, "adamw8bit_bnb": 2, "adamw4bit": 1, "adamw_fp8": 2, "came": 4}.get(
-        optimizer_name, 8)
+    """Expected gradient + optimizer-state bytes of the trainable params: fp32 gradients and the
+    state bytes per value of fastcog.optimizers (measured, bench/optimizer_state.py)."""
     n = sum(p.numel() for p in params)
-    return n * (4 + state_per_param)
+    return round(n * (4 + OPTIMIZER_SPECS[optimizer_name].state_bytes))
