@@ -66,7 +66,7 @@ def main() -> None:
         f"- date: {datetime.date.today()}; torch {torch.__version__}",
         "- produced by `python bench/activation_estimate.py`",
         "- what: bytes autograd saves for backward, one block measured on fake tensors at the real shape, times",
-        "  the block count, plus one block's full set while it is recomputed (DESIGN: `ActivationEstimate.peak`).",
+        "  the block count, plus one block's full set while it is recomputed (fastcog.fast.checkpointing `ActivationEstimate.peak`).",
         "  Weights, gradients, optimizer state and the non-block layers are not included.",
         "",
         *rows,
