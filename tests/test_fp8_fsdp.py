@@ -281,7 +281,10 @@ def run_worker(out: Path, model_path: str, nproc: int, replicate: int = 1) -> li
         "--standalone",
         "--nproc_per_node",
         str(nproc),
-        __file__,
+        # As a module from the repository root: run as a file, its folder tests/ would be on
+        # sys.path and tests/kernels would shadow the PyPI package `kernels` that transformers imports.
+        "-m",
+        "tests.test_fp8_fsdp",
         str(out),
         model_path,
         str(replicate),
