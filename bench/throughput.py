@@ -31,7 +31,7 @@ p50 / p90 and reported apart as "warm-up s" (their time minus as many steady-sta
 compile, autotune and allocator warm-up). Throughput uses the p50 step time. Model FLOPs follow
 docs/design.md (fastcog.flops.transformer_flops_per_sample: recompute not counted), the same count for
 every path, so TFLOP/s ratios equal speedups; MFU divides by the GPU's dense bf16 peak from
-fastcog.metrics' table. Peak memory is torch.cuda's max allocated / reserved, reset after the
+fastcog.flops' table. Peak memory is torch.cuda's max allocated / reserved, reset after the
 path's model is built (so it is the training peak, weights included); it is not measured on CPU.
 Speedup = reference p50 / path p50.
 
