@@ -48,3 +48,17 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory):
         return built[variant]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def clips(tmp_path_factory: pytest.TempPathFactory):
+    """4 synthetic clips (9 frames, 64x96, first-frame images listed in images.txt), written once per session.
+
+    Every module that trains the tiny models in this process or under torchrun reads them, with their
+    latent cache in `clips / "cache"` (tests/runs.py's make_cfg, tests/torchrun.py's raw_config): each
+    (model, dtype, seed, ...) is encoded once per session, by the first run that needs it.
+    """
+    from fastcog.data.synthetic import make_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("clips")
+    return make_synthetic_dataset(root, num_clips=4, num_frames=9, height=64, width=96, seed=0, with_images=True)

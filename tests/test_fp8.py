@@ -37,6 +37,7 @@ from fastcog.fast.fp8 import (
     fp8_storage_linear,
     quantize,
 )
+from tests.runs import tiny_lora_transformer
 
 RECIPES = ("tensorwise", "rowwise")
 SHAPES = [(1, 256), (7, 256), (131, 256), (2, 7, 256)]
@@ -564,24 +565,6 @@ def test_convert_picks_frozen_aligned_large_plain_linears():
     model = nn.ModuleDict({"odd": lin(64, 72), "small": lin(64, 16)})
     assert convert_linears_to_fp8_storage(model, min_features=32) == ["odd"]  # no multiple-of-16 rule
     assert isinstance(model["odd"], Fp8StorageLinear)
-
-
-def tiny_lora_transformer(model_path) -> nn.Module:
-    """The tiny bf16 CogVideoX at ``model_path`` with rank-4 LoRA and nonzero (seeded) lora_B.
-
-    Also used by tests/test_fp8_fsdp.py's torchrun worker."""
-    from fastcog.config import LoraConfig
-    from fastcog.lora import inject_lora
-    from fastcog.models import load_components
-
-    transformer = load_components(model_path, "bf16", parts=("transformer",)).transformer
-    inject_lora(transformer, LoraConfig(rank=4, alpha=4.0))
-    g = torch.Generator().manual_seed(50)
-    with torch.no_grad():  # B = 0 at init would make every LoRA gradient but dB zero
-        for name, p in transformer.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return transformer
 
 
 def _tiny_step(transformer: nn.Module) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
