@@ -15,8 +15,7 @@ import numpy as np
 import torch
 
 from fastcog.config import Config
-from fastcog.data.synthetic import write_video
-from fastcog.data.video import load_image
+from fastcog.data.video import load_image, write_video
 
 
 @torch.no_grad()

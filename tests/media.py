@@ -22,10 +22,9 @@ from fastcog.data.synthetic import (
     _MARKER,
     _SIZES,
     _clip_frames,
-    _temp_path,
     _write_text,
-    write_video,
 )
+from fastcog.data.video import temp_path, write_video
 
 __all__ = ["make_mixed_dataset", "truncate_file"]
 
@@ -45,7 +44,7 @@ def _metadata_text(captions: list[str], videos: list[str]) -> tuple[str, str]:
 
 
 def _write_raw(path: Path, text: str) -> None:
-    tmp = _temp_path(path)
+    tmp = temp_path(path)
     try:
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)

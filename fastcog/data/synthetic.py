@@ -10,19 +10,14 @@ from __future__ import annotations
 
 import json
 import os
-from fractions import Fraction
 from pathlib import Path
 
-import av
 import numpy as np
-from av.video.reformatter import ColorRange
 from PIL import Image
 
-__all__ = ["default_codec", "make_synthetic_dataset", "write_video"]
+from fastcog.data.video import temp_path, write_video
 
-# Pixel formats whose chroma planes are subsampled horizontally and/or vertically, so the
-# encoder rejects odd frame sizes.
-_SUBSAMPLED_PIX_FMTS = {"yuv420p", "yuvj420p", "yuv422p", "yuvj422p", "nv12", "nv16", "nv21"}
+__all__ = ["make_synthetic_dataset"]
 
 _COLOURS: list[tuple[str, tuple[int, int, int]]] = [
     ("red", (230, 30, 30)),
@@ -39,92 +34,6 @@ _SIZES = [("small", 0.25), ("large", 0.45)]
 
 _MARKER = ".fastcog_synthetic.json"
 _FORMAT_VERSION = 1
-
-
-def default_codec() -> str:
-    """libx264 when this PyAV build has it (smaller, closer to real data), else mpeg4."""
-    return "libx264" if "libx264" in av.codecs_available else "mpeg4"
-
-
-def _temp_path(path: Path) -> Path:
-    # Same directory (so os.replace is atomic), hidden, pid-unique (concurrent ranks may
-    # write the same dataset), and the real suffix kept so the muxer/encoder is inferred.
-    return path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
-
-
-def write_video(
-    path: str | os.PathLike,
-    frames: np.ndarray,
-    fps: float,
-    *,
-    codec: str | None = None,
-    pix_fmt: str = "yuv420p",
-    pad: bool = False,
-    crf: int = 18,
-) -> Path:
-    """Encode uint8 frames [F, H, W, 3] (RGB) or [F, H, W] (grayscale) to a video file.
-
-    Written to a temporary name and renamed, so an interrupted write never leaves a file
-    that looks complete. Subsampled pixel formats (yuv420p, the default, the one every
-    player and the reference data use) need even sizes: odd sizes raise unless `pad=True`,
-    which replicates the last row/column. Pass e.g. ``pix_fmt="yuv444p"`` (libx264) for odd
-    sizes, ``pix_fmt="gray"`` for a single-channel stream, or ``codec="png"`` (lossless,
-    decodes to true single-channel frames with ``pix_fmt="gray"``).
-    """
-    path = Path(path)
-    frames = np.asarray(frames)
-    if frames.dtype != np.uint8:
-        raise ValueError(f"frames must be uint8, got {frames.dtype}")
-    if frames.ndim == 3:
-        # Grey frames go in as RGB so swscale does the full->limited range conversion that
-        # the decoder undoes (a raw "gray" frame would be taken as limited-range luma).
-        frames = np.repeat(frames[..., None], 3, axis=-1)
-    if frames.ndim != 4 or frames.shape[-1] != 3:
-        raise ValueError(f"frames must have shape [F, H, W, 3] or [F, H, W], got {list(frames.shape)}")
-    if frames.shape[0] < 1:
-        raise ValueError("frames must contain at least one frame")
-    if fps <= 0:
-        raise ValueError(f"fps must be > 0, got {fps}")
-    codec = codec or default_codec()
-    if codec not in av.codecs_available:
-        raise ValueError(f"codec {codec!r} is not available in this PyAV build")
-
-    height, width = frames.shape[1:3]
-    if pix_fmt in _SUBSAMPLED_PIX_FMTS and (height % 2 or width % 2):
-        if not pad:
-            raise ValueError(
-                f"{pix_fmt} needs even frame sizes, got {height}x{width}: crop/resize to even sizes, "
-                "pass pad=True, or use pix_fmt='yuv444p'"
-            )
-        frames = np.pad(frames, [(0, 0), (0, height % 2), (0, width % 2), (0, 0)], mode="edge")
-        height, width = frames.shape[1:3]
-
-    rate = Fraction(fps).limit_denominator(1001)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_path(path)
-    try:
-        with av.open(str(tmp), mode="w") as container:
-            stream = container.add_stream(codec, rate=rate)
-            stream.width = width
-            stream.height = height
-            stream.pix_fmt = pix_fmt
-            if pix_fmt.startswith("gray"):
-                # swscale makes full-range grey; say so in the stream, or decoders take it as
-                # limited-range luma and stretch the levels (16 -> 0).
-                stream.codec_context.color_range = ColorRange.JPEG
-            if codec.startswith("libx264"):
-                stream.options = {"crf": str(crf), "preset": "veryfast"}
-            elif codec == "mpeg4":
-                stream.bit_rate = max(1_000_000, 8 * width * height * int(np.ceil(float(rate))))
-            for i, arr in enumerate(frames):
-                frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(arr), format="rgb24")
-                frame.pts = i
-                container.mux(stream.encode(frame))
-            container.mux(stream.encode(None))  # flush delayed (B-)frames
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
 
 
 def _clip_frames(
@@ -169,7 +78,7 @@ def _expected_files(root: Path, names: list[str], with_images: bool) -> list[Pat
 
 
 def _write_text(path: Path, lines: list[str]) -> None:
-    tmp = _temp_path(path)
+    tmp = temp_path(path)
     try:
         tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
         os.replace(tmp, path)
@@ -178,7 +87,7 @@ def _write_text(path: Path, lines: list[str]) -> None:
 
 
 def _write_png(path: Path, rgb: np.ndarray) -> None:
-    tmp = _temp_path(path)
+    tmp = temp_path(path)
     try:
         Image.fromarray(rgb, mode="RGB").save(tmp, format="PNG")
         os.replace(tmp, path)

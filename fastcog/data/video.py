@@ -1,38 +1,6 @@
-"""Video and image decoding into the [-1, 1] float tensors the VAE expects.
+"""Video files: decoding videos and images to the [-1, 1] tensors the VAE expects; writing mp4.
 
-Frame sampling and resizing are looked up by name in small registries (`SAMPLERS`,
-`RESIZERS`), so a new mode is one function plus one registry entry and the decode path does
-not change. The defaults are the reference trainer's behaviour, so cached latents match it.
-
-Sampling, with N decoded frames and F requested:
-
-- ``"reference"`` (default): ``range(0, N, N // F)[:F]`` when N >= F. This only spreads
-  over the clip when N is a multiple of F (N=17, F=9 takes frames 0..8).
-- ``"uniform"``: F indices evenly spread over the whole clip, ``round(linspace(0, N-1, F))``
-  (halves round up; computed in integers so it is exact), so the first and last frames are
-  always used.
-- ``"random"``: a contiguous window with the reference stride ``s = max(1, N // F)``, i.e.
-  ``start + s * k`` for k < F, with ``start`` uniform in ``[0, N - s*F]`` drawn from the
-  caller's ``torch.Generator`` (required: a seeded generator is what makes a cached clip
-  reproducible). Note that when N is a multiple of F the window is the whole clip and
-  ``start`` is always 0.
-
-In every mode a clip shorter than F (N < F) gives all N frames with the last one repeated up
-to F, as the reference pads.
-
-Resize, to (H, W):
-
-- ``"stretch"`` (default): resize to exactly (H, W), aspect ratio not kept (reference).
-- ``"resize_crop"``: scale uniformly so the frame covers (H, W), then centre-crop; nothing
-  is stretched, the overhanging edges of the longer side are lost.
-
-Resizing is ``torch.nn.functional.interpolate(mode="bilinear", antialias=True,
-align_corners=False)`` on the float tensor. Antialiasing matters because training clips
-are usually downscaled; without it bilinear aliases badly (moire on fine texture). This is
-the same filter torchvision's tensor ``resize(antialias=True)`` uses, and it is close to
-(but not bit-identical with) PIL's bilinear; the small difference is irrelevant after the
-VAE. Images go through the same function so I2V conditioning frames and video frames are
-resized identically.
+Which frames are kept and how they are resized is fastcog.data.frames.
 
 `probe_video` reads a clip's frame count, fps and size from the container without decoding
 (used to put clips into resolution buckets before anything is decoded).
@@ -44,157 +12,25 @@ swallowed.
 
 from __future__ import annotations
 
-import math
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
 import av
 import numpy as np
 import torch
-import torch.nn.functional as F
+from av.video.reformatter import ColorRange
 from PIL import Image, UnidentifiedImageError
 
+from fastcog.data.frames import RESIZERS, SAMPLERS, check_mode, check_rng, check_size
 from fastcog.errors import DataError
 
-__all__ = [
-    "RESIZERS",
-    "SAMPLERS",
-    "VideoInfo",
-    "decode_video",
-    "first_frame",
-    "frame_indices",
-    "load_image",
-    "probe_video",
-    "resize_frames",
-]
+__all__ = ["VideoInfo", "decode_video", "default_codec", "first_frame", "load_image", "probe_video", "write_video"]
 
-# A sampler maps (frames available N >= 1, frames wanted F >= 1, rng) to F indices into the
-# decoded clip. Only "random" uses the rng; the others ignore it.
-Sampler = Callable[[int, int, torch.Generator | None], list[int]]
-# A resizer maps float frames [T, 3, h, w] (values 0..255) to [T, 3, H, W].
-Resizer = Callable[[torch.Tensor, int, int], torch.Tensor]
-
-
-def _pad_short(num_available: int, num_frames: int) -> list[int]:
-    """N < F: every frame, then the last one repeated up to F (the reference padding)."""
-    return list(range(num_available)) + [num_available - 1] * (num_frames - num_available)
-
-
-def _sample_reference(num_available: int, num_frames: int, rng: torch.Generator | None = None) -> list[int]:
-    """Reference sampling: fixed stride N // F from frame 0, or pad with the last frame."""
-    if num_available >= num_frames:
-        return list(range(0, num_available, num_available // num_frames))[:num_frames]
-    return _pad_short(num_available, num_frames)
-
-
-def _sample_uniform(num_available: int, num_frames: int, rng: torch.Generator | None = None) -> list[int]:
-    """round(linspace(0, N-1, F)), halves rounded up, in exact integer arithmetic.
-
-    Float linspace + round would make the result depend on float error and on round-half-
-    to-even; floor((2*i*(N-1) + (F-1)) / (2*(F-1))) is the same rule with no such doubt.
-    With N >= F the step is >= 1, so the indices are strictly increasing (no repeats).
-    """
-    if num_available < num_frames:
-        return _pad_short(num_available, num_frames)
-    if num_frames == 1:
-        return [0]  # linspace(0, N-1, 1) == [0]
-    last, steps = num_available - 1, num_frames - 1
-    return [(2 * i * last + steps) // (2 * steps) for i in range(num_frames)]
-
-
-def _sample_random(num_available: int, num_frames: int, rng: torch.Generator | None = None) -> list[int]:
-    """A random window with the reference stride; the start is drawn from `rng`."""
-    if rng is None:
-        raise ValueError("sampling 'random' needs a torch.Generator passed as rng (seed it for reproducibility)")
-    if num_available < num_frames:
-        return _pad_short(num_available, num_frames)
-    stride = max(1, num_available // num_frames)
-    slack = num_available - stride * num_frames  # >= 0 since stride * F <= N
-    start = int(torch.randint(0, slack + 1, (1,), generator=rng).item())
-    return [start + stride * k for k in range(num_frames)]
-
-
-def _resize_stretch(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Bilinear, antialiased resize to exactly (height, width); aspect ratio not kept."""
-    if frames.shape[-2:] == (height, width):
-        return frames
-    return F.interpolate(frames, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
-
-
-def _resize_crop(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Scale uniformly so the frame covers (height, width), then crop the centre.
-
-    The scale is the larger of the two axis ratios, so one side fits exactly and the other
-    overhangs and is cropped equally on both sides (the extra pixel, if odd, on the far
-    side). The scaled size is rounded, so the two axes' scales differ by under one pixel.
-    """
-    src_h, src_w = frames.shape[-2:]
-    if (src_h, src_w) == (height, width):
-        return frames
-    scale = max(height / src_h, width / src_w)
-    # max() guards against rounding down below the target (e.g. 0.5 ulp below an integer).
-    new_h = max(height, math.floor(src_h * scale + 0.5))
-    new_w = max(width, math.floor(src_w * scale + 0.5))
-    if (new_h, new_w) != (src_h, src_w):
-        frames = F.interpolate(frames, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True)
-    top, left = (new_h - height) // 2, (new_w - width) // 2
-    return frames[..., top : top + height, left : left + width]
-
-
-SAMPLERS: dict[str, Sampler] = {
-    "reference": _sample_reference,
-    "uniform": _sample_uniform,
-    "random": _sample_random,
-}
-RESIZERS: dict[str, Resizer] = {"stretch": _resize_stretch, "resize_crop": _resize_crop}
-
-
-def _check_mode(kind: str, value: str, registry: dict) -> None:
-    if value not in registry:
-        raise ValueError(f"unknown {kind} mode {value!r}; valid choices: {', '.join(sorted(registry))}")
-
-
-def _check_size(num_frames: int | None, height: int, width: int) -> None:
-    if num_frames is not None and num_frames < 1:
-        raise ValueError(f"num_frames must be >= 1, got {num_frames}")
-    if height < 1 or width < 1:
-        raise ValueError(f"height and width must be >= 1, got {height}x{width}")
-
-
-def _check_rng(sampling: str, rng: torch.Generator | None) -> None:
-    # Checked before any decoding, so a missing generator fails fast, not after a long decode.
-    if sampling == "random" and rng is None:
-        raise ValueError("sampling 'random' needs a torch.Generator passed as rng (seed it for reproducibility)")
-
-
-def frame_indices(
-    num_available: int,
-    num_frames: int,
-    sampling: str = "reference",
-    rng: torch.Generator | None = None,
-) -> list[int]:
-    """Indices of the decoded frames that make up a clip of `num_frames` frames.
-
-    Exposed on its own so that the trainer and tests can reason about which source frames a
-    clip uses without decoding anything. `rng` is required for ``"random"`` (one draw per
-    call when N >= F) and ignored otherwise.
-    """
-    _check_mode("sampling", sampling, SAMPLERS)
-    _check_rng(sampling, rng)
-    if num_available < 1:
-        raise ValueError(f"num_available must be >= 1, got {num_available}")
-    if num_frames < 1:
-        raise ValueError(f"num_frames must be >= 1, got {num_frames}")
-    return SAMPLERS[sampling](num_available, num_frames, rng)
-
-
-def resize_frames(frames: torch.Tensor, height: int, width: int, resize: str = "stretch") -> torch.Tensor:
-    """Resize float frames [T, 3, h, w] with the named resize mode."""
-    _check_mode("resize", resize, RESIZERS)
-    _check_size(None, height, width)
-    return RESIZERS[resize](frames, height, width)
+# Pixel formats whose chroma planes are subsampled horizontally and/or vertically, so the
+# encoder rejects odd frame sizes.
+_SUBSAMPLED_PIX_FMTS = {"yuv420p", "yuvj420p", "yuv422p", "yuvj422p", "nv12", "nv16", "nv21"}
 
 
 def _check_file(path: Path, what: str) -> None:
@@ -352,10 +188,10 @@ def decode_video(
     x / 127.5 - 1 as the VAE expects. `rng` (a CPU ``torch.Generator``) is required for
     ``sampling="random"``; seed it per clip to make the chosen window reproducible.
     """
-    _check_mode("sampling", sampling, SAMPLERS)
-    _check_mode("resize", resize, RESIZERS)
-    _check_rng(sampling, rng)
-    _check_size(num_frames, height, width)
+    check_mode("sampling", sampling, SAMPLERS)
+    check_mode("resize", resize, RESIZERS)
+    check_rng(sampling, rng)
+    check_size(num_frames, height, width)
     path = Path(path)
     decoded = _decode_frames(path)
     indices = SAMPLERS[sampling](len(decoded), num_frames, rng)
@@ -373,8 +209,8 @@ def first_frame(path: str | os.PathLike, height: int, width: int, resize: str = 
     I2V without an image list conditions on each clip's first frame; only that frame is
     decoded.
     """
-    _check_mode("resize", resize, RESIZERS)
-    _check_size(None, height, width)
+    check_mode("resize", resize, RESIZERS)
+    check_size(None, height, width)
     path = Path(path)
     rgb = _frames_to_rgb(path, _decode_frames(path, limit=1))
     frames = RESIZERS[resize](_to_unit_range(rgb), height, width)
@@ -387,8 +223,8 @@ def load_image(path: str | os.PathLike, height: int, width: int, resize: str = "
     Any Pillow mode (L, LA, P, RGBA, I;16, ...) is converted to RGB; alpha is dropped, not
     composited, matching what the reference does with `convert("RGB")`.
     """
-    _check_mode("resize", resize, RESIZERS)
-    _check_size(None, height, width)
+    check_mode("resize", resize, RESIZERS)
+    check_size(None, height, width)
     path = Path(path)
     _check_file(path, "image")
     try:
@@ -402,3 +238,94 @@ def load_image(path: str | os.PathLike, height: int, width: int, resize: str = "
         ) from exc
     frames = RESIZERS[resize](_to_unit_range(rgb[None]), height, width)
     return _normalise(frames)[0]
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------
+
+
+def default_codec() -> str:
+    """libx264 when this PyAV build has it (smaller, closer to real data), else mpeg4."""
+    return "libx264" if "libx264" in av.codecs_available else "mpeg4"
+
+
+def temp_path(path: Path) -> Path:
+    # Same directory (so os.replace is atomic), hidden, pid-unique (concurrent ranks may
+    # write the same dataset), and the real suffix kept so the muxer/encoder is inferred.
+    return path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+
+
+def write_video(
+    path: str | os.PathLike,
+    frames: np.ndarray,
+    fps: float,
+    *,
+    codec: str | None = None,
+    pix_fmt: str = "yuv420p",
+    pad: bool = False,
+    crf: int = 18,
+) -> Path:
+    """Encode uint8 frames [F, H, W, 3] (RGB) or [F, H, W] (grayscale) to a video file.
+
+    Written to a temporary name and renamed, so an interrupted write never leaves a file
+    that looks complete. Subsampled pixel formats (yuv420p, the default, the one every
+    player and the reference data use) need even sizes: odd sizes raise unless `pad=True`,
+    which replicates the last row/column. Pass e.g. ``pix_fmt="yuv444p"`` (libx264) for odd
+    sizes, ``pix_fmt="gray"`` for a single-channel stream, or ``codec="png"`` (lossless,
+    decodes to true single-channel frames with ``pix_fmt="gray"``).
+    """
+    path = Path(path)
+    frames = np.asarray(frames)
+    if frames.dtype != np.uint8:
+        raise ValueError(f"frames must be uint8, got {frames.dtype}")
+    if frames.ndim == 3:
+        # Grey frames go in as RGB so swscale does the full->limited range conversion that
+        # the decoder undoes (a raw "gray" frame would be taken as limited-range luma).
+        frames = np.repeat(frames[..., None], 3, axis=-1)
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"frames must have shape [F, H, W, 3] or [F, H, W], got {list(frames.shape)}")
+    if frames.shape[0] < 1:
+        raise ValueError("frames must contain at least one frame")
+    if fps <= 0:
+        raise ValueError(f"fps must be > 0, got {fps}")
+    codec = codec or default_codec()
+    if codec not in av.codecs_available:
+        raise ValueError(f"codec {codec!r} is not available in this PyAV build")
+
+    height, width = frames.shape[1:3]
+    if pix_fmt in _SUBSAMPLED_PIX_FMTS and (height % 2 or width % 2):
+        if not pad:
+            raise ValueError(
+                f"{pix_fmt} needs even frame sizes, got {height}x{width}: crop/resize to even sizes, "
+                "pass pad=True, or use pix_fmt='yuv444p'"
+            )
+        frames = np.pad(frames, [(0, 0), (0, height % 2), (0, width % 2), (0, 0)], mode="edge")
+        height, width = frames.shape[1:3]
+
+    rate = Fraction(fps).limit_denominator(1001)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(path)
+    try:
+        with av.open(str(tmp), mode="w") as container:
+            stream = container.add_stream(codec, rate=rate)
+            stream.width = width
+            stream.height = height
+            stream.pix_fmt = pix_fmt
+            if pix_fmt.startswith("gray"):
+                # swscale makes full-range grey; say so in the stream, or decoders take it as
+                # limited-range luma and stretch the levels (16 -> 0).
+                stream.codec_context.color_range = ColorRange.JPEG
+            if codec.startswith("libx264"):
+                stream.options = {"crf": str(crf), "preset": "veryfast"}
+            elif codec == "mpeg4":
+                stream.bit_rate = max(1_000_000, 8 * width * height * int(np.ceil(float(rate))))
+            for i, arr in enumerate(frames):
+                frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(arr), format="rgb24")
+                frame.pts = i
+                container.mux(stream.encode(frame))
+            container.mux(stream.encode(None))  # flush delayed (B-)frames
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from fastcog.data.listfile import read_list_dataset, read_metadata_dataset
-from fastcog.data.synthetic import make_synthetic_dataset, write_video
-from fastcog.data.video import decode_video, first_frame, load_image, probe_video
+from fastcog.data.synthetic import make_synthetic_dataset
+from fastcog.data.video import decode_video, first_frame, load_image, probe_video, write_video
 from fastcog.errors import DataError
 from tests.media import make_mixed_dataset, truncate_file
 

@@ -9,16 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from fastcog.data.synthetic import write_video
-from fastcog.data.video import (
-    VideoInfo,
-    decode_video,
-    first_frame,
-    frame_indices,
-    load_image,
-    probe_video,
-    resize_frames,
-)
+from fastcog.data.frames import frame_indices, resize_frames
+from fastcog.data.video import VideoInfo, decode_video, first_frame, load_image, probe_video, write_video
 from fastcog.errors import DataError
 
 H, W = 32, 48
