@@ -17,25 +17,15 @@ from fastcog.config import (
     to_dict,
 )
 from fastcog.errors import ConfigError, FastcogError
+from tests.raw_configs import MINIMAL, with_
 
 REPO = Path(__file__).resolve().parents[1]
 
 # The smallest config that validates: only the two paths have no usable default.
-MINIMAL = {"model": {"path": "ckpt"}, "data": {"data_root": "clips"}}
-
-
 def write_yaml(tmp_path: Path, raw: object, name: str = "cfg.yaml") -> Path:
     path = tmp_path / name
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
-
-
-def with_(base: dict, **sections: dict) -> dict:
-    """A copy of `base` with keys of some sections replaced."""
-    out = {k: dict(v) for k, v in base.items()}
-    for section, values in sections.items():
-        out.setdefault(section, {}).update(values)
-    return out
 
 
 # ------------------------------------------------------------------------------------------

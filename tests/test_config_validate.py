@@ -24,7 +24,7 @@ from fastcog.config_validate import literal_values
 from fastcog.errors import ConfigError
 from fastcog.optimizers import OPTIMIZER_SPECS
 from fastcog.variants import FULL_TRANSFORMER_CONFIGS, VARIANTS, detect_variant
-from tests.test_config import MINIMAL, with_
+from tests.raw_configs import MINIMAL, with_
 
 
 def spec(variant: str):

@@ -89,3 +89,14 @@ def test_no_file_over_the_line_budget():
     long = {str(p.relative_to(ROOT)): n for folder in ("fastcog", "kernels") for p in (ROOT / folder).rglob("*.py")
             if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert long == {}
+
+
+def test_test_modules_do_not_import_each_other():
+    """Shared test helpers live in helper modules (tests/runs.py, ...), never in a test module."""
+    offenders = {}
+    for path in (ROOT / "tests").rglob("test_*.py"):
+        name = module_name(path, ROOT)
+        known = {module_name(p, ROOT) for p in (ROOT / "tests").rglob("test_*.py")}
+        if found := imports_of(path, name, known):
+            offenders[str(path.relative_to(ROOT))] = sorted(found)
+    assert offenders == {}
