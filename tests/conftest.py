@@ -37,7 +37,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory):
-    """Factory: the path of a tiny random checkpoint of a variant, built once per session."""
+    """Factory: the path of a tiny random checkpoint of a variant, built once per pytest session."""
     from fastcog.models import make_tiny
 
     built: dict[str, object] = {}
@@ -52,13 +52,33 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="session")
 def clips(tmp_path_factory: pytest.TempPathFactory):
-    """4 synthetic clips (9 frames, 64x96, first-frame images listed in images.txt), written once per session.
+    """4 synthetic clips (9 frames, 64x96, first-frame images listed in images.txt), written once per pytest session.
 
     Every module that trains the tiny models in this process or under torchrun reads them, with their
     latent cache in `clips / "cache"` (tests/runs.py's make_cfg, tests/torchrun.py's raw_config): each
-    (model, dtype, seed, ...) is encoded once per session, by the first run that needs it.
+    (model, dtype, seed, ...) is encoded once per pytest session, by the first run that needs it.
     """
     from fastcog.data.synthetic import make_synthetic_dataset
 
     root = tmp_path_factory.mktemp("clips")
     return make_synthetic_dataset(root, num_clips=4, num_frames=9, height=64, width=96, seed=0, with_images=True)
+
+
+@pytest.fixture(scope="session")
+def torchrun_data(tiny_checkpoint, clips, tmp_path_factory) -> dict[str, str]:
+    """Paths for tests/torchrun.py's raw_config: the tiny 5B model, the session's clips and their cache,
+    and a folder for the runs' outputs. The fp32 latents are cached here, before any launch, so ranks only
+    read them."""
+    import torch
+
+    from fastcog.config import config_from_dict
+    from fastcog.inputs import check_inputs, prepare_dataset
+    from tests.torchrun import raw_config
+
+    root = tmp_path_factory.mktemp("torchrun")
+    paths = {"model": str(tiny_checkpoint("cogvideox-5b")), "clips": str(clips), "cache": str(clips / "cache"),
+             "root": str(root)}
+    cfg = config_from_dict(raw_config(paths, root / "prepare"))
+    variant, samples = check_inputs(cfg)
+    prepare_dataset(cfg, samples, variant, torch.device("cpu"))
+    return paths

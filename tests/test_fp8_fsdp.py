@@ -1,6 +1,7 @@
 """FP8 weights under FSDP2: sharded like any frozen weight, gathered as FP8, the same training.
 
-torchrun on CPU with gloo, as tests/test_distributed.py (whose helpers and data are reused).
+torchrun on CPU with gloo, as tests/test_distributed.py (the helpers of tests/torchrun.py, the data of
+conftest.py's torchrun_data).
 
 * `test_fp8_weights_are_sharded_and_gathered_as_fp8`: a worker (this file run by torchrun)
   converts a tiny LoRA CogVideoX to FP8 (every kind that runs on this CPU), keeps an unsharded
@@ -24,18 +25,18 @@ batch-1 GEMMs round differently in bf16, and the FP8 quantisation of activations
 batch-invariant recipes are compared this way: the storage variant quantises only the weight,
 rowwise scales each token's row on its own; tensorwise (one scale per activation tensor) rounds
 a sample differently in a batch of 2 and is compared against DDP only. Measured over four
-sessions (4 steps, torch 2.13 CPU): losses within 1.2e-4 relative (rowwise; storage 3.1e-5),
+runs (4 steps, torch 2.13 CPU): losses within 1.2e-4 relative (rowwise; storage 3.1e-5),
 gradient norms 5.4e-4, LoRA weights 1.1e-4 absolute on weights up to 0.18; tolerances 1e-3,
 5e-3 and 1e-3. That catches gross errors (zeroing half the rows of every FP8 weight, as a shard
 missing from the gather would, changes the tiny model's output by 68%; a missing average over
 ranks would double the gradient norm) but not small ones: a 1% larger LoRA alpha moves the loss
 by 1e-4 and the LoRA by 1.5e-4, the gradient norm by 1e-2 (measured, rowwise). The tight check
 is FSDP against DDP, same per-rank batches: measured losses identical, gradient norms within
-1.2e-7 relative, LoRA usually within 1.5e-8 but once 1.1e-6 (rowwise, a fresh-clone CI run; the
-gradients are averaged by a reduce-scatter instead of an all-reduce, and the norm summed over
-shards, and Adam's normalised update magnifies the last bits); tolerances 1e-6, 1e-5 and 1e-5,
-the last still 15x below the 1.5e-4 that a 1% larger alpha moves the LoRA by. (One process
-in pytest and one under torchrun with OMP_NUM_THREADS=1 give identical runs: the thread count
+1.2e-7 relative, LoRA usually within 1.5e-8 and up to 1.1e-6 (rowwise; the gradients are
+averaged by a reduce-scatter instead of an all-reduce, and the norm summed over shards, and
+Adam's normalised update magnifies the last bits); tolerances 1e-6, 1e-5 and 1e-5, the last
+still 15x below the 1.5e-4 that a 1% larger alpha moves the LoRA by. (One process in pytest and
+one under torchrun with OMP_NUM_THREADS=1 give identical runs: the thread count
 plays no part.)
 """
 
@@ -43,7 +44,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -51,18 +51,17 @@ from pathlib import Path
 import pytest
 import torch
 
-import tests.test_distributed
-from tests.test_distributed import (
+from tests.runs import read_lora
+from tests.torchrun import (
     LAUNCH_TIMEOUT_S,
     assert_losses_close,
     in_process,
-    launch,
+    launch_many,
     losses,
     metrics,
     raw_config,
 )
 
-data = tests.test_distributed.data  # the fixture: the tiny model, 4 clips and their cache
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 4
 # See the module docstring for the measurements behind these.
@@ -84,6 +83,12 @@ def _rowwise_scaled_mm_on_cpu() -> bool:
 ROWWISE_ON_CPU = _rowwise_scaled_mm_on_cpu()
 KINDS = ["storage", "tensorwise"] + (["rowwise"] if ROWWISE_ON_CPU else [])
 needs_rowwise = pytest.mark.skipif(not ROWWISE_ON_CPU, reason="this torch's CPU _scaled_mm has no rowwise scaling")
+
+
+@pytest.fixture(scope="module")
+def data(torchrun_data) -> dict[str, str]:
+    """The tiny 5B model, the session's clips and their cache (conftest.py)."""
+    return torchrun_data
 
 
 def fast_section(kind: str) -> dict:
@@ -140,7 +145,7 @@ def test_weights_as_parameters_changes_only_the_registration(kind):
 
 def _tiny_lora_fp8(model_path: str, kind: str) -> torch.nn.Module:
     from fastcog.fast.fp8 import convert_linears_to_fp8, convert_linears_to_fp8_storage
-    from tests.test_fp8 import tiny_lora_transformer
+    from tests.runs import tiny_lora_transformer
 
     torch.manual_seed(0)  # the same LoRA A on every rank
     transformer = tiny_lora_transformer(model_path)
@@ -207,6 +212,8 @@ def _stored_bytes(model: torch.nn.Module, shards: int) -> tuple[int, int]:
 
 
 def worker(out_dir: str, model_path: str, replicate: int, kinds: list[str]) -> None:
+    import torch.distributed as dist
+
     from fastcog.build import shard_fp8_weights
     from fastcog.config import ParallelConfig
     from fastcog.fast.fp8 import fp8_modules
@@ -216,13 +223,17 @@ def worker(out_dir: str, model_path: str, replicate: int, kinds: list[str]) -> N
     shards = world.world_size // replicate
     report: dict[str, dict] = {}
     for kind in kinds:
+        # The reference: the model as one process runs it (FP8 buffers, no FSDP), eager, built the same
+        # way; computed once, on rank 0, and sent to every rank. The sharded model, eager and compiled,
+        # must give its output and gradients bit for bit.
+        expected: list = [_step(_tiny_lora_fp8(model_path, kind)) if world.rank == 0 else None]
+        dist.broadcast_object_list(expected, src=0)
+        out_ref, dx_ref, grads_ref = expected[0]
         for compiled in (False, True):
             torch._dynamo.reset()
-            # Built twice the same way: the reference is the model as one process runs it (FP8
-            # buffers, no FSDP). Compiled as fast.compile does it: each block, before fully_shard.
-            model, reference = _tiny_lora_fp8(model_path, kind), _tiny_lora_fp8(model_path, kind)
-            if compiled:
-                for block in [*model.transformer_blocks, *reference.transformer_blocks]:
+            model = _tiny_lora_fp8(model_path, kind)
+            if compiled:  # as fast.compile does it: each block, before fully_shard
+                for block in model.transformer_blocks:
                     block.compile(fullgraph=True, backend="aot_eager")
             whole = fp8_bytes(model)
             param_dtype = None if shard_fp8_weights(model) else torch.bfloat16  # as fastcog.build does
@@ -260,7 +271,6 @@ def worker(out_dir: str, model_path: str, replicate: int, kinds: list[str]) -> N
             r["gathers"] = log.calls
             r["seen_in_forward"] = seen
             r["whole_shapes"] = sorted([str(p.dtype), list(p.shape)] for p in fp8_params.values())
-            out_ref, dx_ref, grads_ref = _step(reference)
             r["out_equal"] = torch.equal(out, out_ref)
             r["dx_equal"] = torch.equal(dx, dx_ref)
             r["grads_equal"] = grads.keys() == grads_ref.keys() and all(
@@ -357,29 +367,40 @@ def fp8_raw(data: dict[str, str], out: Path, kind: str, ranks: int = 1, **sectio
 
 
 @pytest.fixture(scope="module")
-def run(data):
-    """run(kind, how) -> the output folder of a 4-step run, each made once: `one` (one process x
-    batch 2), `fsdp` or `ddp` (2 ranks x batch 1)."""
+def two_rank_runs(data, tmp_path_factory) -> dict[str, Path]:
+    """Every 2-rank run of this module in one launch (tests/torchrun.py's launch_many), name -> output
+    folder: `{kind}-fsdp` and `{kind}-ddp` (2 ranks x batch 1) for every kind, and `resumed`, the storage
+    FSDP run resumed on 2 ranks from its checkpoint-2 (by path)."""
+    root = tmp_path_factory.mktemp("fp8_two_rank_runs")
+    runs = {f"{kind}-{how}": fp8_raw(data, root / f"{kind}-{how}", kind, ranks=2, parallel={"strategy": how})
+            for kind in KINDS for how in ("fsdp", "ddp")}
+    runs["resumed"] = fp8_raw(data, root / "resumed", "storage", ranks=2,
+                              checkpoint={"resume_from": str(root / "storage-fsdp" / "checkpoint-2")})
+    outcomes = launch_many(runs, root)
+    for name, outcome in outcomes.items():
+        assert outcome.status == 0, (name, outcome.stderr[-3000:])
+        how = "ddp" if name.endswith("-ddp") else "fsdp"
+        assert f"processes      2 ({how})" in outcome.stdout, name
+    assert "resumed from" in outcomes["resumed"].stdout and "resumed from" not in outcomes["storage-fsdp"].stdout
+    return {name: Path(raw["train"]["output_dir"]) for name, raw in runs.items()}
+
+
+@pytest.fixture(scope="module")
+def run(data, two_rank_runs):
+    """run(kind, how) -> the output folder of a 4-step run: `one` (one process x batch 2, made on first
+    use), `fsdp` or `ddp` (2 ranks x batch 1, from the shared launch)."""
     done: dict[tuple[str, str], Path] = {}
 
     def get(kind: str, how: str) -> Path:
+        if how != "one":
+            return two_rank_runs[f"{kind}-{how}"]
         if (kind, how) not in done:
             out = Path(data["root"]) / f"fp8-{kind}-{how}"
-            if how == "one":
-                in_process(fp8_raw(data, out, kind))
-            else:
-                log = launch(fp8_raw(data, out, kind, ranks=2, parallel={"strategy": how}), out.name)
-                assert f"processes      2 ({how})" in log.stdout
+            in_process(fp8_raw(data, out, kind))
             done[kind, how] = out
         return done[kind, how]
 
     return get
-
-
-def read_lora(out: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(out / "lora" / "pytorch_lora_weights.safetensors"))
 
 
 def compare_runs(got: Path, want: Path, loss_rtol: float, grad_norm_rtol: float, lora_atol: float) -> None:
@@ -410,19 +431,14 @@ def test_fsdp_trains_as_ddp(run, kind):
     compare_runs(run(kind, "fsdp"), run(kind, "ddp"), DDP_LOSS_RTOL, DDP_GRAD_NORM_RTOL, DDP_LORA_ATOL)
 
 
-def test_fp8_fsdp_checkpoint_resumes(data, run, tmp_path):
+def test_fp8_fsdp_checkpoint_resumes(run, two_rank_runs):
     """The 2-rank FP8 run's checkpoint-2, resumed on 2 ranks, continues with the same losses and
     ends on the same LoRA; the checkpoint holds the adapters and their Adam state, no FP8 weight."""
     from torch.distributed.checkpoint import FileSystemReader
 
-    two = run("storage", "fsdp")
+    two, out = run("storage", "fsdp"), two_rank_runs["resumed"]
     keys = list(FileSystemReader(str(two / "checkpoint-2")).read_metadata().state_dict_metadata)
     assert any("lora_A" in k for k in keys) and not any("fp8" in k or "base_layer" in k for k in keys), keys
-    out = tmp_path / "resumed"
-    out.mkdir()
-    shutil.copytree(two / "checkpoint-2", out / "checkpoint-2")
-    done = launch(fp8_raw(data, out, "storage", ranks=2, checkpoint={"resume_from": "latest"}), "fp8-resume")
-    assert "resumed from" in done.stdout
     assert [r["step"] for r in metrics(out)] == [3, 4]
     # The same ranks, batches and code: the continuation is the uninterrupted run's, bit for bit.
     assert losses(out) == losses(two)[2:]

@@ -1,0 +1,158 @@
+"""torchrun on CPU with gloo for the tests: the shared config, launches, and several runs in one launch.
+
+Every launch starts the launcher and one Python per rank, each importing torch, diffusers and peft
+(about 5 s on a 2-core machine before any work). Runs that need nothing but a process group of
+the same size therefore share one launch: `launch_many` starts this module as the torchrun worker
+(``python -m tests.torchrun``), which trains the given configs one after another in the same process
+group, as `fastcog train` would one each, and records per run what `fastcog train` would print
+and whether it raised a FastcogError (printed as `fastcog: error: ...`, the run's status 2).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+LAUNCH_TIMEOUT_S = 300
+STEPS = 12  # raw_config's train_steps
+
+
+def raw_config(data: dict[str, str], out: Path, ranks: int = 1, global_batch: int = 2, **sections) -> dict:
+    """The shared config: batch_size = global_batch / ranks, accumulation 2, clipping active."""
+    raw = {
+        "model": {"path": data["model"], "dtype": "fp32"},
+        "data": {"data_root": data["clips"], "num_frames": 9, "height": 64, "width": 96, "cache_dir": data["cache"]},
+        "lora": {"rank": 4, "alpha": 8},
+        # lr_scheduler constant_with_warmup: the LR of a step does not depend on train_steps.
+        "optim": {"lr": 1e-3, "lr_warmup_steps": 2, "max_grad_norm": 0.002},
+        "train": {"output_dir": str(out), "seed": 1, "batch_size": global_batch // ranks,
+                  "gradient_accumulation_steps": 2, "train_steps": STEPS, "activation_checkpointing": "none"},
+        "checkpoint": {"every_steps": 4, "limit": None},
+        "log": {"report_to": "none", "progress_bar": False},
+    }
+    for name, values in sections.items():
+        raw.setdefault(name, {}).update(values)
+    return raw
+
+
+def in_process(raw: dict):
+    from fastcog.config import config_from_dict, validate
+    from fastcog.trainer import train
+
+    cfg = config_from_dict(raw)
+    validate(cfg)
+    return train(cfg)
+
+
+def torchrun_command(cfg_path: Path, nproc: int, script: list[str] | None = None) -> list[str]:
+    # --standalone: a rendezvous on a free local port, so concurrent launches never collide.
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+    return launcher + (script or ["-m", "fastcog"]) + ["train", str(cfg_path)]
+
+
+def write_config(raw: dict, name: str) -> Path:
+    path = Path(raw["train"]["output_dir"]).parent / f"{name}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def launch(raw: dict, name: str, nproc: int = 2, script: list[str] | None = None,
+           succeed: bool = True) -> subprocess.CompletedProcess:
+    cfg_path = write_config(raw, name)
+    done = subprocess.run(torchrun_command(cfg_path, nproc, script), capture_output=True, text=True, env=env(),
+                          timeout=LAUNCH_TIMEOUT_S)
+    if succeed:
+        assert done.returncode == 0, done.stderr[-4000:]
+    return done
+
+
+@dataclass
+class Outcome:
+    """What one run of a shared launch printed (rank 0) and its status: 0 done, 2 a FastcogError."""
+
+    status: int
+    stdout: str
+    stderr: str
+
+
+def launch_many(runs: dict[str, dict], workdir: Path, nproc: int = 2) -> dict[str, Outcome]:
+    """Train `runs` (name -> raw config) in this order in one torchrun launch; each run's Outcome by name.
+
+    A run may resume from an earlier one's checkpoint (checkpoint.resume_from set to its path). A run
+    that raises a FastcogError is recorded with status 2 and the launch goes on; anything else ends it.
+    """
+    workdir.mkdir(parents=True, exist_ok=True)
+    paths = [str(write_config(raw, name)) for name, raw in runs.items()]
+    report = workdir / "outcomes.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           "-m", "tests.torchrun", str(report), *paths]
+    # As a module from the repository root: run as a file, its folder tests/ would be on sys.path and
+    # tests/kernels would shadow the PyPI package `kernels` that transformers imports.
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env(), cwd=ROOT,
+                          timeout=LAUNCH_TIMEOUT_S * max(1, len(runs) // 2))
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    outcomes = json.loads(report.read_text())
+    assert list(outcomes) == list(runs)
+    return {name: Outcome(**o) for name, o in outcomes.items()}
+
+
+def _train_many(report: str, cfg_paths: list[str]) -> None:
+    """The worker of `launch_many`: each config as `fastcog train` runs it, one process group for all."""
+    from fastcog.cli import _quiet_libraries
+    from fastcog.config import load_config
+    from fastcog.errors import FastcogError
+    from fastcog.parallel import barrier, current_world, shutdown_distributed
+    from fastcog.trainer import train
+
+    _quiet_libraries()
+    outcomes = {}
+    for path in cfg_paths:
+        out, err, status = io.StringIO(), io.StringIO(), 0
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                summary = train(load_config(path))
+                if current_world().is_main:
+                    print("\n".join(summary.lines()))
+            except FastcogError as error:
+                print(f"fastcog: error: {error}", file=sys.stderr)
+                status = 2
+        barrier()  # every rank has finished the run before the next starts
+        outcomes[Path(path).stem] = {"status": status, "stdout": out.getvalue(), "stderr": err.getvalue()}
+        sys.stdout.write(out.getvalue())
+        sys.stderr.write(err.getvalue())
+    if current_world().is_main:
+        Path(report).write_text(json.dumps(outcomes, indent=1))
+    shutdown_distributed()
+
+
+def metrics(out: str | Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(out: str | Path) -> list[float]:
+    return [row["loss"] for row in metrics(out)]
+
+
+def assert_losses_close(got: list[float], want: list[float], rtol: float) -> None:
+    assert len(got) == len(want) and len(got) > 0
+    worst = max(abs(g - w) / abs(w) for g, w in zip(got, want))
+    print(f"{len(got)} steps, largest relative loss difference {worst:.1e} (tolerance {rtol:.0e})")
+    assert worst <= rtol, f"largest relative loss difference {worst:.2e} > {rtol:.0e}:\n{got}\n{want}"
+
+
+if __name__ == "__main__":  # the torchrun worker of launch_many: report.json config.yaml...
+    _train_many(sys.argv[1], sys.argv[2:])
