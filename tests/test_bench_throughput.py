@@ -123,11 +123,16 @@ def test_parity_verdict_follows_from_the_recorded_values(cpu_run):
     assert r["parity"] == r["paths"][1]["parity"] and r["parity"]["verdict"] == "PASS"
 
 
+# The switches of bench/throughput_lib/config.py's CPU_TINY_CONFIG, each an ablation row.
+CPU_SWITCHES = ["fast.lora_kernel=true", "fast.fused_loss=true", "fast.attention=sdpa",
+                "train.activation_checkpointing=none", "optim.fused=true"]
+
+
 def test_each_ablation_row_turns_on_one_fastcog_switch(cpu_run):
     _, _, r = cpu_run
     ref, fast = r["paths"][0], r["paths"][1]
     rows = [p for p in r["paths"] if p["role"] == "ablation"]
-    assert sorted(p["switches"][0] for p in rows) == sorted(fast["switches"])
+    assert sorted(p["switches"][0] for p in rows) == sorted(fast["switches"]) == sorted(CPU_SWITCHES)
     for p in rows:
         assert len(p["switches"]) == 1
         assert p["status"] == "ok" or p["status"].startswith("failed: ")
@@ -136,6 +141,27 @@ def test_each_ablation_row_turns_on_one_fastcog_switch(cpu_run):
         assert len(changed) == 1, (p["name"], changed)
         (section, key), = changed
         assert p["switches"][0].startswith(f"{section}.{key}=")
+
+
+def test_every_path_starts_from_the_same_weights_and_draws(cpu_run):
+    """Every path runs step k from the same seed, batch and starting weights, so a switch that does not
+    change the arithmetic gives the reference's values exactly: without activation checkpointing every
+    recorded step (recomputation repeats the same ops), with the fused optimizer the first step (taken
+    before the optimizer has acted). The other rows agree at the first step within the parity tolerance."""
+    _, _, r = cpu_run
+    ref = r["paths"][0]
+    rows = {p["switches"][0]: p for p in r["paths"] if p["role"] == "ablation"}
+    assert all(p["status"] == "ok" for p in rows.values()), {k: p["status"] for k, p in rows.items()}
+    no_ckpt = rows["train.activation_checkpointing=none"]
+    steps = len(no_ckpt["losses"])
+    assert steps == 2  # one warm-up step and --ablation-steps 1, each recorded
+    assert (no_ckpt["losses"], no_ckpt["grad_norms"]) == (ref["losses"][:steps], ref["grad_norms"][:steps])
+    fused = rows["optim.fused=true"]
+    assert (fused["losses"][0], fused["grad_norms"][0]) == (ref["losses"][0], ref["grad_norms"][0])
+    rtol = r["parity_tolerance"]["rtol_by_dtype"]["fp32"]
+    for p in [*rows.values(), r["paths"][1]]:
+        assert p["losses"][0] == pytest.approx(ref["losses"][0], rel=rtol), p["name"]
+        assert p["grad_norms"][0] == pytest.approx(ref["grad_norms"][0], rel=rtol), p["name"]
 
 
 def test_a_fast_path_that_differs_fails_parity(tmp_path):
