@@ -1,9 +1,16 @@
 """The real CLI on user mistakes: one `fastcog: error:` line, non-zero exit, no traceback, and an
-earlier run in the same output directory left byte-for-byte as it was."""
+earlier run in the same output directory left byte-for-byte as it was.
+
+`python -m fastcog train` runs as a subprocess for the finished run every case starts from and for
+one mistake (the exit status through `python -m`); the other mistakes run one after another in one
+more subprocess that calls `fastcog.cli.main` as `python -m fastcog` does (sys.exit(main())),
+recording its return value and what it wrote to stderr, so the imports are paid once.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -126,38 +133,81 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_user_error_is_one_line_and_leaves_earlier_run_untouched(workspace: Path, case: str) -> None:
-    raw, expected = CASES[case](workspace)
-    assert raw["train"]["output_dir"] == "out"  # the same output dir as the earlier run
-    cfg = write_config(workspace, raw, f"{case}.yaml")
-    guarded = {name: tree_hashes(workspace / name) for name in ("out", "tiny-5b")}
-    assert len(guarded["out"]) > 10
+# Calls fastcog.cli.main once per argument list (in the working directory argv[1]), each with its
+# own stderr; an exception that escapes main is recorded with its traceback, as Python would print it.
+DRIVER = """
+import contextlib, io, json, os, sys, traceback
+os.chdir(sys.argv[1])
+from fastcog.cli import main
+results = []
+for argv in json.loads(sys.argv[2]):
+    err, out = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+        try:
+            code = main(argv)
+        except SystemExit as exit:
+            code = exit.code
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+    results.append({"returncode": code, "stderr": err.getvalue(), "stdout": out.getvalue()})
+print(json.dumps(results))
+"""
+SUBPROCESS_CASE = "unknown_key"  # the one mistake run through `python -m fastcog train` itself
+OVERRIDE_ARGS = ["--set", "optim.lr_schedular=cosine"]
 
-    proc = run_cli(workspace, cfg)
 
-    assert proc.returncode != 0
+@pytest.fixture(scope="module")
+def outcomes(workspace: Path) -> dict[str, subprocess.CompletedProcess]:
+    """Every case's CompletedProcess (returncode, stdout, stderr), the texts its error line must hold, and
+    the guarded trees' hashes before any case ran."""
+    argvs, expected = {}, {}
+    for case, make in CASES.items():
+        raw, expected[case] = make(workspace)
+        assert raw["train"]["output_dir"] == "out"  # the same output dir as the earlier run
+        argvs[case] = ["train", write_config(workspace, raw, f"{case}.yaml")]
+    argvs["set_override"] = ["train", write_config(workspace, base_config(), "override.yaml"), *OVERRIDE_ARGS]
+    before = {name: tree_hashes(workspace / name) for name in ("out", "tiny-5b")}
+    results = {SUBPROCESS_CASE: run_cli(workspace, *argvs.pop(SUBPROCESS_CASE)[1:])}
+    driver = subprocess.run([sys.executable, "-c", DRIVER, str(workspace), json.dumps(list(argvs.values()))],
+                            cwd=workspace, env=ENV, capture_output=True, text=True, timeout=300)
+    assert driver.returncode == 0, driver.stderr[-3000:]
+    for case, r in zip(argvs, json.loads(driver.stdout.splitlines()[-1]), strict=True):
+        results[case] = subprocess.CompletedProcess(argvs[case], r["returncode"], r["stdout"], r["stderr"])
+    return {"before": before, "expected": expected, **results}
+
+
+def assert_one_error_line(proc: subprocess.CompletedProcess) -> str:
+    """Non-zero status, no traceback, exactly one `fastcog: error:` line, the last one; returns it."""
+    assert proc.returncode not in (0, None), proc
     assert "Traceback" not in proc.stderr, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert lines, f"nothing on stderr; stdout: {proc.stdout}"
     last = lines[-1]
     assert last.startswith("fastcog: error:"), proc.stderr
     assert [line for line in lines if line.startswith("fastcog:")] == [last]  # exactly one error line
-    for text in expected:
-        assert text in last, f"{text!r} not in {last!r}"
-    for name, before in guarded.items():
+    return last
+
+
+def assert_untouched(workspace: Path, before: dict[str, dict[str, str]]) -> None:
+    for name, hashes in before.items():
         after = tree_hashes(workspace / name)
-        changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+        changed = sorted(k for k in hashes.keys() | after.keys() if hashes.get(k) != after.get(k))
         assert not changed, f"{name}/ changed by a failed run: {changed}"
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_user_error_is_one_line_and_leaves_earlier_run_untouched(workspace: Path, outcomes: dict, case: str) -> None:
+    assert len(outcomes["before"]["out"]) > 10
+    last = assert_one_error_line(outcomes[case])
+    assert outcomes[case].returncode == 2  # main's status for a FastcogError
+    for text in outcomes["expected"][case]:
+        assert text in last, f"{text!r} not in {last!r}"
+    assert_untouched(workspace, outcomes["before"])
     assert not (workspace / "no-such-model").exists()
 
 
-def test_set_override_error_through_the_cli(workspace: Path) -> None:
-    cfg = write_config(workspace, base_config(), "override.yaml")
-    before = tree_hashes(workspace / "out")
-    proc = run_cli(workspace, cfg, "--set", "optim.lr_schedular=cosine")
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    last = [line for line in proc.stderr.splitlines() if line.strip()][-1]
-    assert last.startswith("fastcog: error:") and "optim.lr_schedular" in last and "'lr_scheduler'" in last
-    after = tree_hashes(workspace / "out")
-    assert not sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+def test_set_override_error_through_the_cli(workspace: Path, outcomes: dict) -> None:
+    last = assert_one_error_line(outcomes["set_override"])
+    assert "optim.lr_schedular" in last and "'lr_scheduler'" in last
+    assert_untouched(workspace, outcomes["before"])

@@ -3,15 +3,16 @@
 torchrun on CPU with gloo, as tests/test_distributed.py (the helpers of tests/torchrun.py, the data of
 conftest.py's torchrun_data).
 
-* `test_fp8_weights_are_sharded_and_gathered_as_fp8`: a worker (this file run by torchrun)
-  converts a tiny LoRA CogVideoX to FP8 (every kind that runs on this CPU), keeps an unsharded
-  copy, applies fastcog.parallel's FSDP and checks, per rank: the local FP8 bytes are exactly
-  half of the whole (the 1-rank bytes) on 2 ranks, every FP8 tensor is an FP8 DTensor shard; in
-  the forward each FP8 linear sees its whole weight in FP8; the all-gathers carry exactly the
-  parameters' stored bytes (FP8 as 1 byte, never widened to 2); and the output, the input
-  gradient and every LoRA gradient are bitwise equal to the unsharded model's (same input on
-  every rank: FSDP must change nothing but where the weights live), eager and compiled; and the
-  same on 4 ranks as HSDP (2 replicas x 2 shards).
+* `test_fp8_weights_are_sharded_and_gathered_as_fp8`: a worker (`worker` below, on every rank of
+  a torchrun launch) converts a tiny LoRA CogVideoX to FP8 (every kind that runs on this CPU),
+  computes the unsharded model's results once (rank 0, eager), applies fastcog.parallel's FSDP
+  and checks, per rank: the local FP8 bytes are exactly half of the whole (the 1-rank bytes) on
+  2 ranks, every FP8 tensor is an FP8 DTensor shard; in the forward each FP8 linear sees its
+  whole weight in FP8; the all-gathers carry exactly the parameters' stored bytes (FP8 as 1
+  byte, never widened to 2); and the output, the input gradient and every LoRA gradient are
+  bitwise equal to the unsharded model's (same input on every rank: FSDP must change nothing
+  but where the weights live), eager and compiled; and the same on 4 ranks as HSDP (2 replicas
+  x 2 shards).
 * `test_two_ranks_train_as_one` (storage; rowwise where this torch's CPU _scaled_mm has it):
   2 ranks x batch 1 (FSDP) against 1 process x batch 2 through the real trainer: per-step loss,
   pre-clip gradient norm, final LoRA.
@@ -54,6 +55,7 @@ import torch
 from tests.runs import read_lora
 from tests.torchrun import (
     LAUNCH_TIMEOUT_S,
+    Call,
     assert_losses_close,
     in_process,
     launch_many,
@@ -211,15 +213,15 @@ def _stored_bytes(model: torch.nn.Module, shards: int) -> tuple[int, int]:
     return stored, widened
 
 
-def worker(out_dir: str, model_path: str, replicate: int, kinds: list[str]) -> None:
+def worker(out_dir: str, model_path: str, replicate: int | str, *kinds: str) -> None:
     import torch.distributed as dist
 
     from fastcog.build import shard_fp8_weights
     from fastcog.config import ParallelConfig
     from fastcog.fast.fp8 import fp8_modules
-    from fastcog.parallel import init_distributed, parallelize, shutdown_distributed
+    from fastcog.parallel import init_distributed, parallelize
 
-    world = init_distributed()
+    world, replicate = init_distributed(), int(replicate)
     shards = world.world_size // replicate
     report: dict[str, dict] = {}
     for kind in kinds:
@@ -279,7 +281,6 @@ def worker(out_dir: str, model_path: str, replicate: int, kinds: list[str]) -> N
             r["grads_nonzero"] = sum(bool(g.abs().sum() > 0) for g in grads.values())
             report[f"{kind}{'-compiled' if compiled else ''}"] = r
     Path(out_dir, f"rank{world.rank}.json").write_text(json.dumps(report, indent=1))
-    shutdown_distributed()
 
 
 def run_worker(out: Path, model_path: str, nproc: int, replicate: int = 1) -> list[dict]:
@@ -338,8 +339,10 @@ def check_worker_report(ranks: list[dict], shards: int) -> None:
             assert r["grads_nonzero"] > 0, where
 
 
-def test_fp8_weights_are_sharded_and_gathered_as_fp8(data, tmp_path):
-    check_worker_report(run_worker(tmp_path, data["model"], nproc=2), shards=2)
+def test_fp8_weights_are_sharded_and_gathered_as_fp8(two_rank_runs):
+    """The worker on 2 ranks (in the module's shared launch)."""
+    out = two_rank_runs["worker"]
+    check_worker_report([json.loads((out / f"rank{r}.json").read_text()) for r in range(2)], shards=2)
 
 
 def test_fp8_weights_under_hsdp(data, tmp_path):
@@ -369,20 +372,23 @@ def fp8_raw(data: dict[str, str], out: Path, kind: str, ranks: int = 1, **sectio
 @pytest.fixture(scope="module")
 def two_rank_runs(data, tmp_path_factory) -> dict[str, Path]:
     """Every 2-rank run of this module in one launch (tests/torchrun.py's launch_many), name -> output
-    folder: `{kind}-fsdp` and `{kind}-ddp` (2 ranks x batch 1) for every kind, and `resumed`, the storage
-    FSDP run resumed on 2 ranks from its checkpoint-2 (by path)."""
+    folder: `worker` (the worker below), `{kind}-fsdp` and `{kind}-ddp` (2 ranks x batch 1) for every kind,
+    and `resumed`, the storage FSDP run resumed on 2 ranks from its checkpoint-2 (by path)."""
     root = tmp_path_factory.mktemp("fp8_two_rank_runs")
-    runs = {f"{kind}-{how}": fp8_raw(data, root / f"{kind}-{how}", kind, ranks=2, parallel={"strategy": how})
-            for kind in KINDS for how in ("fsdp", "ddp")}
+    runs: dict = {"worker": Call("tests.test_fp8_fsdp:worker", [str(root / "worker"), data["model"], "1", *KINDS])}
+    (root / "worker").mkdir()
+    runs |= {f"{kind}-{how}": fp8_raw(data, root / f"{kind}-{how}", kind, ranks=2, parallel={"strategy": how})
+             for kind in KINDS for how in ("fsdp", "ddp")}
     runs["resumed"] = fp8_raw(data, root / "resumed", "storage", ranks=2,
                               checkpoint={"resume_from": str(root / "storage-fsdp" / "checkpoint-2")})
     outcomes = launch_many(runs, root)
     for name, outcome in outcomes.items():
         assert outcome.status == 0, (name, outcome.stderr[-3000:])
         how = "ddp" if name.endswith("-ddp") else "fsdp"
-        assert f"processes      2 ({how})" in outcome.stdout, name
+        assert name == "worker" or f"processes      2 ({how})" in outcome.stdout, name
     assert "resumed from" in outcomes["resumed"].stdout and "resumed from" not in outcomes["storage-fsdp"].stdout
-    return {name: Path(raw["train"]["output_dir"]) for name, raw in runs.items()}
+    return {name: root / "worker" if name == "worker" else Path(raw["train"]["output_dir"])
+            for name, raw in runs.items()}
 
 
 @pytest.fixture(scope="module")
@@ -447,4 +453,7 @@ def test_fp8_fsdp_checkpoint_resumes(run, two_rank_runs):
 
 
 if __name__ == "__main__":  # a torchrun worker: out_dir model_path replicate_degree kind...
-    worker(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:])
+    from fastcog.parallel import shutdown_distributed
+
+    worker(*sys.argv[1:])
+    shutdown_distributed()

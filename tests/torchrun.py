@@ -4,8 +4,9 @@ Every launch starts the launcher and one Python per rank, each importing torch, 
 (about 5 s on a 2-core machine before any work). Runs that need nothing but a process group of
 the same size therefore share one launch: `launch_many` starts this module as the torchrun worker
 (``python -m tests.torchrun``), which trains the given configs one after another in the same process
-group, as `fastcog train` would one each, and records per run what `fastcog train` would print
-and whether it raised a FastcogError (printed as `fastcog: error: ...`, the run's status 2).
+group, as `fastcog train` would one each (or calls a test's own distributed worker function), and
+records per run what `fastcog train` would print and whether it raised a FastcogError (printed as
+`fastcog: error: ...`, the run's status 2).
 """
 
 from __future__ import annotations
@@ -89,17 +90,29 @@ class Outcome:
     stderr: str
 
 
-def launch_many(runs: dict[str, dict], workdir: Path, nproc: int = 2) -> dict[str, Outcome]:
-    """Train `runs` (name -> raw config) in this order in one torchrun launch; each run's Outcome by name.
+@dataclass
+class Call:
+    """A run of a shared launch that is not `fastcog train`: `module:function`(*args) on every rank, in the
+    launch's process group (the function must leave the group up)."""
+
+    target: str
+    args: list[str]
+
+
+def launch_many(runs: dict[str, dict | Call], workdir: Path, nproc: int = 2) -> dict[str, Outcome]:
+    """Run `runs` (name -> raw config to train, or a Call) in this order in one torchrun launch; each run's
+    Outcome by name.
 
     A run may resume from an earlier one's checkpoint (checkpoint.resume_from set to its path). A run
     that raises a FastcogError is recorded with status 2 and the launch goes on; anything else ends it.
     """
     workdir.mkdir(parents=True, exist_ok=True)
-    paths = [str(write_config(raw, name)) for name, raw in runs.items()]
+    plan = [{"name": name, "call": run.target, "args": run.args} if isinstance(run, Call)
+            else {"name": name, "config": str(write_config(run, name))} for name, run in runs.items()]
+    (workdir / "plan.json").write_text(json.dumps(plan, indent=1))
     report = workdir / "outcomes.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           "-m", "tests.torchrun", str(report), *paths]
+           "-m", "tests.torchrun", str(workdir / "plan.json"), str(report)]
     # As a module from the repository root: run as a file, its folder tests/ would be on sys.path and
     # tests/kernels would shadow the PyPI package `kernels` that transformers imports.
     done = subprocess.run(cmd, capture_output=True, text=True, env=env(), cwd=ROOT,
@@ -110,28 +123,35 @@ def launch_many(runs: dict[str, dict], workdir: Path, nproc: int = 2) -> dict[st
     return {name: Outcome(**o) for name, o in outcomes.items()}
 
 
-def _train_many(report: str, cfg_paths: list[str]) -> None:
+def _run_plan(plan_path: str, report: str) -> None:
     """The worker of `launch_many`: each config as `fastcog train` runs it, one process group for all."""
+    import importlib
+
     from fastcog.cli import _quiet_libraries
     from fastcog.config import load_config
     from fastcog.errors import FastcogError
-    from fastcog.parallel import barrier, current_world, shutdown_distributed
+    from fastcog.parallel import barrier, current_world, init_distributed, shutdown_distributed
     from fastcog.trainer import train
 
     _quiet_libraries()
+    init_distributed()
     outcomes = {}
-    for path in cfg_paths:
+    for run in json.loads(Path(plan_path).read_text()):
         out, err, status = io.StringIO(), io.StringIO(), 0
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
-                summary = train(load_config(path))
-                if current_world().is_main:
-                    print("\n".join(summary.lines()))
+                if "call" in run:
+                    module, function = run["call"].split(":")
+                    getattr(importlib.import_module(module), function)(*run["args"])
+                else:
+                    summary = train(load_config(run["config"]))
+                    if current_world().is_main:
+                        print("\n".join(summary.lines()))
             except FastcogError as error:
                 print(f"fastcog: error: {error}", file=sys.stderr)
                 status = 2
         barrier()  # every rank has finished the run before the next starts
-        outcomes[Path(path).stem] = {"status": status, "stdout": out.getvalue(), "stderr": err.getvalue()}
+        outcomes[run["name"]] = {"status": status, "stdout": out.getvalue(), "stderr": err.getvalue()}
         sys.stdout.write(out.getvalue())
         sys.stderr.write(err.getvalue())
     if current_world().is_main:
@@ -154,5 +174,5 @@ def assert_losses_close(got: list[float], want: list[float], rtol: float) -> Non
     assert worst <= rtol, f"largest relative loss difference {worst:.2e} > {rtol:.0e}:\n{got}\n{want}"
 
 
-if __name__ == "__main__":  # the torchrun worker of launch_many: report.json config.yaml...
-    _train_many(sys.argv[1], sys.argv[2:])
+if __name__ == "__main__":  # the torchrun worker of launch_many: plan.json outcomes.json
+    _run_plan(sys.argv[1], sys.argv[2])
