@@ -34,6 +34,7 @@ from fastcog.config import ParallelConfig
 from fastcog.errors import ConfigError, FastcogError
 from fastcog.parallel import World, check_optimizer, resolve_strategy
 from tests.torchrun import (
+    HSDP_SECTIONS,
     LAUNCH_TIMEOUT_S,
     STEPS,
     assert_losses_close,
@@ -276,14 +277,14 @@ def test_torchao_low_bit_optimizers_under_fsdp_equal_one_process(data, two_rank_
     assert worst_b(resumed, fsdp) == 0.0
 
 
-def test_hsdp_on_four_ranks(data, tmp_path):
+def test_hsdp_on_four_ranks(data, four_rank_runs, tmp_path):
     """parallel.replicate_degree=2: a 2 x 2 mesh (replicate x shard), with activation checkpointing
-    inside each sharded block; 4 ranks x batch 1 against one process x batch 4."""
-    sections = {"train": {"train_steps": 4, "activation_checkpointing": "full"}, "checkpoint": {"every_steps": 0}}
-    ref = in_process(raw_config(data, tmp_path / "one", global_batch=4, **sections))
-    raw = raw_config(data, tmp_path / "four", ranks=4, global_batch=4, parallel={"replicate_degree": 2}, **sections)
-    launch(raw, "hsdp", nproc=4)
-    assert_losses_close(losses(tmp_path / "four"), ref.losses, FP32_RTOL)
+    inside each sharded block; 4 ranks x batch 1 (in the suite's 4-rank launch, conftest.py) against
+    one process x batch 4."""
+    ref = in_process(raw_config(data, tmp_path / "one", global_batch=4, **HSDP_SECTIONS))
+    out, outcome = four_rank_runs["hsdp"]
+    assert outcome.status == 0 and "processes      4 (fsdp)" in outcome.stdout, outcome.stderr[-3000:]
+    assert_losses_close(losses(out), ref.losses, FP32_RTOL)
 
 
 def test_full_finetune_under_fsdp(data, two_rank_runs, tmp_path):

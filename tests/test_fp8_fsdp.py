@@ -44,9 +44,6 @@ plays no part.)
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -54,7 +51,6 @@ import torch
 
 from tests.runs import read_lora
 from tests.torchrun import (
-    LAUNCH_TIMEOUT_S,
     Call,
     assert_losses_close,
     in_process,
@@ -64,7 +60,6 @@ from tests.torchrun import (
     raw_config,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
 STEPS = 4
 # See the module docstring for the measurements behind these.
 ONE_LOSS_RTOL, ONE_GRAD_NORM_RTOL, ONE_LORA_ATOL = 1e-3, 5e-3, 1e-3
@@ -214,6 +209,7 @@ def _stored_bytes(model: torch.nn.Module, shards: int) -> tuple[int, int]:
 
 
 def worker(out_dir: str, model_path: str, replicate: int | str, *kinds: str) -> None:
+    """On every rank of a torchrun launch; writes out_dir/rank<r>.json. kinds: default KINDS."""
     import torch.distributed as dist
 
     from fastcog.build import shard_fp8_weights
@@ -221,7 +217,7 @@ def worker(out_dir: str, model_path: str, replicate: int | str, *kinds: str) -> 
     from fastcog.fast.fp8 import fp8_modules
     from fastcog.parallel import init_distributed, parallelize
 
-    world, replicate = init_distributed(), int(replicate)
+    world, replicate, kinds = init_distributed(), int(replicate), kinds or tuple(KINDS)
     shards = world.world_size // replicate
     report: dict[str, dict] = {}
     for kind in kinds:
@@ -283,32 +279,6 @@ def worker(out_dir: str, model_path: str, replicate: int | str, *kinds: str) -> 
     Path(out_dir, f"rank{world.rank}.json").write_text(json.dumps(report, indent=1))
 
 
-def run_worker(out: Path, model_path: str, nproc: int, replicate: int = 1) -> list[dict]:
-    out.mkdir(parents=True, exist_ok=True)
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        str(nproc),
-        # As a module from the repository root: run as a file, its folder tests/ would be on
-        # sys.path and tests/kernels would shadow the PyPI package `kernels` that transformers imports.
-        "-m",
-        "tests.test_fp8_fsdp",
-        str(out),
-        model_path,
-        str(replicate),
-        *KINDS,
-    ]
-    # CPU and gloo even where a GPU is visible: what is checked here is where the weights live.
-    path = f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, "CUDA_VISIBLE_DEVICES": ""}
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=LAUNCH_TIMEOUT_S, cwd=ROOT)
-    assert done.returncode == 0, done.stderr[-4000:]
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)]
-
-
 def check_worker_report(ranks: list[dict], shards: int) -> None:
     for rank, report in enumerate(ranks):
         assert set(report) == {f"{k}{c}" for k in KINDS for c in ("", "-compiled")}
@@ -345,9 +315,12 @@ def test_fp8_weights_are_sharded_and_gathered_as_fp8(two_rank_runs):
     check_worker_report([json.loads((out / f"rank{r}.json").read_text()) for r in range(2)], shards=2)
 
 
-def test_fp8_weights_under_hsdp(data, tmp_path):
-    """parallel.replicate_degree=2 on 4 ranks: sharded over the 2 ranks of a replica group."""
-    check_worker_report(run_worker(tmp_path, data["model"], nproc=4, replicate=2), shards=2)
+def test_fp8_weights_under_hsdp(four_rank_runs):
+    """parallel.replicate_degree=2 on 4 ranks: sharded over the 2 ranks of a replica group (the worker in
+    the suite's 4-rank launch, conftest.py)."""
+    out, outcome = four_rank_runs["fp8_worker"]
+    assert outcome.status == 0, outcome.stderr[-3000:]
+    check_worker_report([json.loads((out / f"rank{r}.json").read_text()) for r in range(4)], shards=2)
 
 
 # --------------------------------------------------------------------------------------------
@@ -381,7 +354,7 @@ def two_rank_runs(data, tmp_path_factory) -> dict[str, Path]:
              for kind in KINDS for how in ("fsdp", "ddp")}
     runs["resumed"] = fp8_raw(data, root / "resumed", "storage", ranks=2,
                               checkpoint={"resume_from": str(root / "storage-fsdp" / "checkpoint-2")})
-    outcomes = launch_many(runs, root)
+    outcomes = launch_many(runs, root, cpu_only=True)  # CPU even where a GPU is visible, as measured
     for name, outcome in outcomes.items():
         assert outcome.status == 0, (name, outcome.stderr[-3000:])
         how = "ddp" if name.endswith("-ddp") else "fsdp"
@@ -450,10 +423,3 @@ def test_fp8_fsdp_checkpoint_resumes(run, two_rank_runs):
     assert losses(out) == losses(two)[2:]
     want, have = read_lora(two), read_lora(out)
     assert want.keys() == have.keys() and all(torch.equal(have[k], w) for k, w in want.items())
-
-
-if __name__ == "__main__":  # a torchrun worker: out_dir model_path replicate_degree kind...
-    from fastcog.parallel import shutdown_distributed
-
-    worker(*sys.argv[1:])
-    shutdown_distributed()

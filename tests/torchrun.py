@@ -99,9 +99,10 @@ class Call:
     args: list[str]
 
 
-def launch_many(runs: dict[str, dict | Call], workdir: Path, nproc: int = 2) -> dict[str, Outcome]:
+def launch_many(runs: dict[str, dict | Call], workdir: Path, nproc: int = 2, cpu_only: bool = False
+                ) -> dict[str, Outcome]:
     """Run `runs` (name -> raw config to train, or a Call) in this order in one torchrun launch; each run's
-    Outcome by name.
+    Outcome by name. cpu_only: CPU and gloo even where a GPU is visible.
 
     A run may resume from an earlier one's checkpoint (checkpoint.resume_from set to its path). A run
     that raises a FastcogError is recorded with status 2 and the launch goes on; anything else ends it.
@@ -115,7 +116,8 @@ def launch_many(runs: dict[str, dict | Call], workdir: Path, nproc: int = 2) -> 
            "-m", "tests.torchrun", str(workdir / "plan.json"), str(report)]
     # As a module from the repository root: run as a file, its folder tests/ would be on sys.path and
     # tests/kernels would shadow the PyPI package `kernels` that transformers imports.
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env(), cwd=ROOT,
+    run_env = {**env(), "CUDA_VISIBLE_DEVICES": ""} if cpu_only else env()
+    done = subprocess.run(cmd, capture_output=True, text=True, env=run_env, cwd=ROOT,
                           timeout=LAUNCH_TIMEOUT_S * max(1, len(runs) // 2))
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     outcomes = json.loads(report.read_text())
@@ -157,6 +159,15 @@ def _run_plan(plan_path: str, report: str) -> None:
     if current_world().is_main:
         Path(report).write_text(json.dumps(outcomes, indent=1))
     shutdown_distributed()
+
+
+# test_distributed's HSDP run: a 2 x 2 mesh (replicate x shard), activation checkpointing in each
+# sharded block, 4 ranks x batch 1 (one process x batch 4 is its reference).
+HSDP_SECTIONS = {"train": {"train_steps": 4, "activation_checkpointing": "full"}, "checkpoint": {"every_steps": 0}}
+
+
+def hsdp_config(data: dict[str, str], out: Path) -> dict:
+    return raw_config(data, out, ranks=4, global_batch=4, parallel={"replicate_degree": 2}, **HSDP_SECTIONS)
 
 
 def metrics(out: str | Path) -> list[dict]:
