@@ -164,12 +164,17 @@ def test_every_path_starts_from_the_same_weights_and_draws(cpu_run):
         assert p["grad_norms"][0] == pytest.approx(ref["grad_norms"][0], rel=rtol), p["name"]
 
 
-def test_a_fast_path_that_differs_fails_parity(tmp_path):
-    """Doubling the fast path's LoRA alpha must be caught (the check can fail)."""
-    done = run_bench(tmp_path, "--steps", "1", "--warmup", "1", "--no-plot", "--set", "fast.lora_kernel=false",
-                     "--fast-only-set", "lora.alpha=16")
-    assert done.returncode == 3, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "**Parity: FAIL**" in done.stdout and "not a like-for-like comparison" in done.stdout
+def test_a_fast_path_that_differs_fails_parity(bench_module, tmp_path, capsys):
+    """Doubling the fast path's LoRA alpha must be caught (the check can fail). Run in this process by the
+    script's main (its return value is the exit status), keeping this process's torch thread count."""
+    import torch
+
+    code = bench_module.main(["--tiny", "--device", "cpu", "--out-dir", str(tmp_path), "--steps", "1", "--warmup",
+                              "1", "--no-plot", "--cpu-threads", str(torch.get_num_threads()), "--set",
+                              "fast.lora_kernel=false", "--fast-only-set", "lora.alpha=16"])
+    stdout = capsys.readouterr().out
+    assert code == 3, stdout[-3000:]
+    assert "**Parity: FAIL**" in stdout and "not a like-for-like comparison" in stdout
     r = only_json(tmp_path)
     assert r["setup"]["fast_only_overrides"] == ["lora.alpha=16"]
     assert r["parity"]["verdict"] == "FAIL"

@@ -99,10 +99,32 @@ class Call:
     args: list[str]
 
 
-def launch_many(runs: dict[str, dict | Call], workdir: Path, nproc: int = 2, cpu_only: bool = False
-                ) -> dict[str, Outcome]:
-    """Run `runs` (name -> raw config to train, or a Call) in this order in one torchrun launch; each run's
-    Outcome by name. cpu_only: CPU and gloo even where a GPU is visible.
+@dataclass
+class Launch:
+    """A shared launch started by `start_many`; `wait()` gives each run's Outcome by name."""
+
+    proc: subprocess.Popen
+    names: list[str]
+    workdir: Path
+    timeout_s: float
+
+    def wait(self) -> dict[str, Outcome]:
+        try:
+            code = self.proc.wait(timeout=self.timeout_s)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+        logs = {name: (self.workdir / f"launch.{name}").read_text(errors="replace") for name in ("stdout", "stderr")}
+        assert code == 0, logs["stdout"][-2000:] + logs["stderr"][-4000:]
+        outcomes = json.loads((self.workdir / "outcomes.json").read_text())
+        assert list(outcomes) == self.names
+        return {name: Outcome(**o) for name, o in outcomes.items()}
+
+
+def start_many(runs: dict[str, dict | Call], workdir: Path, nproc: int = 2, cpu_only: bool = False) -> Launch:
+    """Start `runs` (name -> raw config to train, or a Call), in this order, in one torchrun launch, and
+    return without waiting. cpu_only: CPU and gloo even where a GPU is visible.
 
     A run may resume from an earlier one's checkpoint (checkpoint.resume_from set to its path). A run
     that raises a FastcogError is recorded with status 2 and the launch goes on; anything else ends it.
@@ -111,18 +133,20 @@ def launch_many(runs: dict[str, dict | Call], workdir: Path, nproc: int = 2, cpu
     plan = [{"name": name, "call": run.target, "args": run.args} if isinstance(run, Call)
             else {"name": name, "config": str(write_config(run, name))} for name, run in runs.items()]
     (workdir / "plan.json").write_text(json.dumps(plan, indent=1))
-    report = workdir / "outcomes.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           "-m", "tests.torchrun", str(workdir / "plan.json"), str(report)]
+           "-m", "tests.torchrun", str(workdir / "plan.json"), str(workdir / "outcomes.json")]
     # As a module from the repository root: run as a file, its folder tests/ would be on sys.path and
     # tests/kernels would shadow the PyPI package `kernels` that transformers imports.
     run_env = {**env(), "CUDA_VISIBLE_DEVICES": ""} if cpu_only else env()
-    done = subprocess.run(cmd, capture_output=True, text=True, env=run_env, cwd=ROOT,
-                          timeout=LAUNCH_TIMEOUT_S * max(1, len(runs) // 2))
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
-    outcomes = json.loads(report.read_text())
-    assert list(outcomes) == list(runs)
-    return {name: Outcome(**o) for name, o in outcomes.items()}
+    with open(workdir / "launch.stdout", "w") as out, open(workdir / "launch.stderr", "w") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=run_env, cwd=ROOT)
+    return Launch(proc, list(runs), workdir, LAUNCH_TIMEOUT_S * max(1, len(runs) // 2))
+
+
+def launch_many(runs: dict[str, dict | Call], workdir: Path, nproc: int = 2, cpu_only: bool = False
+                ) -> dict[str, Outcome]:
+    """`start_many` and wait: each run's Outcome by name."""
+    return start_many(runs, workdir, nproc, cpu_only).wait()
 
 
 def _run_plan(plan_path: str, report: str) -> None:
