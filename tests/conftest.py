@@ -84,53 +84,17 @@ def torchrun_data(tiny_checkpoint, clips, tmp_path_factory) -> dict[str, str]:
     return paths
 
 
-def pytest_collection_finish(session: pytest.Session) -> None:
-    # Whether a selected test uses the 4-rank launch: then it starts with the session (see below).
-    session.config.stash[_FOUR_RANKS_WANTED] = any("four_rank_runs" in getattr(item, "fixturenames", ())
-                                                   for item in session.items)
-
-
-_FOUR_RANKS_WANTED = pytest.StashKey[bool]()
-
-
 @pytest.fixture(scope="session")
-def four_rank_launch(torchrun_data, tmp_path_factory):
-    """The suite's 4-rank work, started in one torchrun launch (tests/torchrun.py's start_many; starting 4
-    ranks on a 2-core machine costs more than either job): `hsdp`, test_distributed's HSDP training run,
-    and `fp8_worker`, test_fp8_fsdp's FP8 sharding worker as HSDP (replicate degree 2). CPU and gloo even
-    where a GPU is visible."""
-    from tests.torchrun import Call, hsdp_config, start_many
+def four_rank_runs(torchrun_data, tmp_path_factory) -> dict:
+    """The suite's 4-rank work in one torchrun launch (tests/torchrun.py's launch_many; starting 4 ranks on
+    a 2-core machine costs more than either job): `hsdp`, test_distributed's HSDP training run, and
+    `fp8_worker`, test_fp8_fsdp's FP8 sharding worker as HSDP (replicate degree 2). CPU and gloo even
+    where a GPU is visible. name -> (output folder, Outcome)."""
+    from tests.torchrun import Call, hsdp_config, launch_many
 
     root = tmp_path_factory.mktemp("four_rank_runs")
     (root / "fp8_worker").mkdir()
     runs = {"hsdp": hsdp_config(torchrun_data, root / "hsdp"),
             "fp8_worker": Call("tests.test_fp8_fsdp:worker", [str(root / "fp8_worker"), torchrun_data["model"], "2"])}
-    launch = start_many(runs, root, nproc=4, cpu_only=True)
-    yield launch
-    if launch.proc.poll() is None:  # the session ended before a test waited for it
-        launch.proc.kill()
-        launch.proc.wait()
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _start_four_rank_launch_early(request: pytest.FixtureRequest) -> None:
-    """Start the 4-rank launch with the session when a selected test needs it. It then runs beside the
-    tests that come first (data, kernels, benchmarks, CLI), which use about one of the cores, and is
-    usually done when test_distributed asks for its results; nothing timed runs beside it (the tests
-    that wait for it come before test_distributed's dead-rank and stuck-rank tests)."""
-    if request.config.stash.get(_FOUR_RANKS_WANTED, False):
-        request.getfixturevalue("four_rank_launch")
-
-
-@pytest.fixture(scope="session")
-def four_rank_runs(four_rank_launch) -> dict:
-    """The 4-rank launch's runs once it has finished: name -> (output folder, Outcome)."""
-    outcomes = four_rank_launch.wait()
-    return {name: (four_rank_launch.workdir / name, outcome) for name, outcome in outcomes.items()}
-
-
-@pytest.fixture()
-def no_background_launch(request: pytest.FixtureRequest) -> None:
-    """For tests whose timing matters: the 4-rank launch, when this session started it, has finished."""
-    if request.config.stash.get(_FOUR_RANKS_WANTED, False):
-        request.getfixturevalue("four_rank_runs")
+    outcomes = launch_many(runs, root, nproc=4, cpu_only=True)
+    return {name: (root / name, outcome) for name, outcome in outcomes.items()}

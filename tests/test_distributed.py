@@ -376,7 +376,7 @@ LINUX_PROC = pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason=
 
 
 @LINUX_PROC
-def test_killed_rank_ends_the_job_and_the_last_checkpoint_loads(data, one_rank, tmp_path, no_background_launch):
+def test_killed_rank_ends_the_job_and_the_last_checkpoint_loads(data, one_rank, tmp_path):
     """SIGKILL on rank 1: torchrun sees its worker die, stops the other and exits non-zero."""
     out = tmp_path / "killed"
     raw = raw_config(data, out, ranks=2, train={"train_steps": 100_000}, checkpoint={"every_steps": 2, "limit": 2})
@@ -387,7 +387,7 @@ def test_killed_rank_ends_the_job_and_the_last_checkpoint_loads(data, one_rank, 
 
 
 @LINUX_PROC
-def test_stuck_rank_ends_the_job_after_the_timeout(data, one_rank, tmp_path, no_background_launch):
+def test_stuck_rank_ends_the_job_after_the_timeout(data, one_rank, tmp_path):
     """SIGSTOP on rank 1 (alive, never answering): rank 0's next collective fails after
     parallel.timeout_s, and the job ends with an error.
 

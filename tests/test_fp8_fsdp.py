@@ -49,36 +49,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.fp8_runs import KINDS, ROWWISE_ON_CPU, STEPS, fp8_raw, two_rank_plan
 from tests.runs import read_lora
-from tests.torchrun import (
-    Call,
-    assert_losses_close,
-    in_process,
-    launch_many,
-    losses,
-    metrics,
-    raw_config,
-)
+from tests.torchrun import assert_losses_close, in_process, launch_many, losses, metrics
 
-STEPS = 4
 # See the module docstring for the measurements behind these.
 ONE_LOSS_RTOL, ONE_GRAD_NORM_RTOL, ONE_LORA_ATOL = 1e-3, 5e-3, 1e-3
 DDP_LOSS_RTOL, DDP_GRAD_NORM_RTOL, DDP_LORA_ATOL = 1e-6, 1e-5, 1e-5
 FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
-
-
-def _rowwise_scaled_mm_on_cpu() -> bool:
-    """torch <= 2.11's CPU _scaled_mm takes per-tensor scales only (rowwise runs on GPUs there)."""
-    a = torch.ones(16, 16).to(torch.float8_e4m3fn)
-    try:
-        torch._scaled_mm(a, a.t(), scale_a=torch.ones(16, 1), scale_b=torch.ones(1, 16), out_dtype=torch.bfloat16)
-    except RuntimeError:
-        return False
-    return True
-
-
-ROWWISE_ON_CPU = _rowwise_scaled_mm_on_cpu()
-KINDS = ["storage", "tensorwise"] + (["rowwise"] if ROWWISE_ON_CPU else [])
 needs_rowwise = pytest.mark.skipif(not ROWWISE_ON_CPU, reason="this torch's CPU _scaled_mm has no rowwise scaling")
 
 
@@ -86,11 +64,6 @@ needs_rowwise = pytest.mark.skipif(not ROWWISE_ON_CPU, reason="this torch's CPU 
 def data(torchrun_data) -> dict[str, str]:
     """The tiny 5B model, the session's clips and their cache (conftest.py)."""
     return torchrun_data
-
-
-def fast_section(kind: str) -> dict:
-    fp8 = {"fp8_weight_storage": True} if kind == "storage" else {"fp8": kind}
-    return {**fp8, "fp8_min_features": 16}  # the tiny model's linears are 32 to 192 wide
 
 
 def fp8_bytes(module: torch.nn.Module) -> int:
@@ -328,33 +301,14 @@ def test_fp8_weights_under_hsdp(four_rank_runs):
 # --------------------------------------------------------------------------------------------
 
 
-def fp8_raw(data: dict[str, str], out: Path, kind: str, ranks: int = 1, **sections) -> dict:
-    # Every 2 steps a checkpoint; full activation checkpointing on (the FP8 weights are gathered
-    # again for the recomputation in the backward).
-    base = {
-        "model": {"dtype": "bf16"},
-        "fast": fast_section(kind),
-        "train": {"train_steps": STEPS, "activation_checkpointing": "full"},
-        "checkpoint": {"every_steps": 2},
-    }
-    for name, values in sections.items():
-        base.setdefault(name, {}).update(values)
-    return raw_config(data, out, ranks=ranks, **base)
-
-
 @pytest.fixture(scope="module")
 def two_rank_runs(data, tmp_path_factory) -> dict[str, Path]:
-    """Every 2-rank run of this module in one launch (tests/torchrun.py's launch_many), name -> output
-    folder: `worker` (the worker below), `{kind}-fsdp` and `{kind}-ddp` (2 ranks x batch 1) for every kind,
-    and `resumed`, the storage FSDP run resumed on 2 ranks from its checkpoint-2 (by path)."""
+    """tests/fp8_runs.py's two_rank_plan (every 2-rank run of this module) in one launch, each checked to
+    have run as planned: name -> output folder (the worker's: where it wrote rank<r>.json). CPU and gloo
+    even where a GPU is visible, as the tolerances were measured."""
     root = tmp_path_factory.mktemp("fp8_two_rank_runs")
-    runs: dict = {"worker": Call("tests.test_fp8_fsdp:worker", [str(root / "worker"), data["model"], "1", *KINDS])}
-    (root / "worker").mkdir()
-    runs |= {f"{kind}-{how}": fp8_raw(data, root / f"{kind}-{how}", kind, ranks=2, parallel={"strategy": how})
-             for kind in KINDS for how in ("fsdp", "ddp")}
-    runs["resumed"] = fp8_raw(data, root / "resumed", "storage", ranks=2,
-                              checkpoint={"resume_from": str(root / "storage-fsdp" / "checkpoint-2")})
-    outcomes = launch_many(runs, root, cpu_only=True)  # CPU even where a GPU is visible, as measured
+    runs = two_rank_plan(data, root)
+    outcomes = launch_many(runs, root, cpu_only=True)
     for name, outcome in outcomes.items():
         assert outcome.status == 0, (name, outcome.stderr[-3000:])
         how = "ddp" if name.endswith("-ddp") else "fsdp"
