@@ -214,6 +214,8 @@ def train(cfg: Config) -> RunSummary:
         objective.set_shard(world.rank, world.world_size)
     sampler = BucketBatchSampler(bucket_of, cfg.train.batch_size, cfg.train.seed, rank=world.rank,
                                  world_size=world.world_size)
+    if world.is_main:
+        print(sampler.describe())
     steps = total_steps(cfg, len(sampler))
     optimizer, lr_scheduler = build_optimizer(cfg, params, steps)
     grad_scaler = grad_scaler_for(strategy, device, cfg.model.dtype)

@@ -48,10 +48,14 @@ def test_skip_resumes_mid_epoch():
 
 
 def test_ranks_split_each_global_batch():
-    """2 ranks x batch 2 see exactly the batches of 1 rank x batch 4, split in halves."""
+    """2 ranks x batch 2 see the batches of 1 rank x batch 4, split in halves; a bucket's incomplete last
+    batch is filled up with repeats of the same bucket's samples, so every rank gets a full slice."""
     bucket_of = [i % 2 for i in range(20)]
     one = list(BucketBatchSampler(bucket_of, 4, seed=0, world_size=1))
     r0 = list(BucketBatchSampler(bucket_of, 2, seed=0, rank=0, world_size=2))
     r1 = list(BucketBatchSampler(bucket_of, 2, seed=0, rank=1, world_size=2))
-    full_one = [b for b in one if len(b) == 4]  # with 2 ranks an incomplete global batch is dropped
-    assert [a + b for a, b in zip(r0, r1)] == full_one
+    assert len(r0) == len(r1) == len(one) == 6
+    for a, b, batch in zip(r0, r1, one, strict=True):
+        assert (a + b)[: len(batch)] == batch
+        fill = (a + b)[len(batch) :]  # 2 of the 10 in each bucket are repeats: others of its bucket
+        assert {bucket_of[i] for i in fill} <= {bucket_of[batch[0]]} and not set(fill) & set(batch)
