@@ -3,14 +3,46 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections.abc import Sequence
 
 from fastcog.errors import FastcogError
 
+# Lines libraries log while being imported, on every command, that are not errors for fastcog:
+# (logger, substrings the message must all hold). Each drops one known message, nothing else.
+IMPORT_NOISE = (
+    # torchao's optional compiled extensions (MX-FP8, CUTLASS sm90a kernels) built for another
+    # Python or GPU; fastcog calls none of them (its FP8 matmuls are torch._scaled_mm).
+    ("torchao", ("Failed to load ", "torchao", "_C")),
+    # torch deprecates registering Enum classes with pytree, which torchao still does at import.
+    ("torch.utils._pytree", ("is an Enum subclass and is now natively supported by torch.compile",)),
+    # bitsandbytes' optional 4-bit CPU GEMM from the `kernels` hub; fastcog uses only its 8-bit AdamW.
+    ("bitsandbytes.backends.cpu.ops", ("Failed to load CPU gemm_4bit_forward",)),
+)
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, parts: tuple[str, ...]) -> None:
+        super().__init__()
+        self.parts = parts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not all(part in message for part in self.parts)
+
+
+def _filter_import_noise() -> None:
+    """Installed before the libraries are imported (loggers exist before their modules do)."""
+    for name, parts in IMPORT_NOISE:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessage) and f.parts == parts for f in logger.filters):
+            logger.addFilter(_DropMessage(parts))
+
 
 def _quiet_libraries() -> None:
+    _filter_import_noise()
     # diffusers / transformers print per-file progress bars and advice on every load; the
     # trainer shows its own progress.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -64,7 +96,7 @@ def _cmd_make_tiny(args: argparse.Namespace) -> int:
 
     _quiet_libraries()
     out = make_tiny(args.variant, args.out_dir, seed=args.seed, height=args.height, width=args.width,
-                    frames=args.frames)
+                    frames=args.frames, overwrite=args.overwrite)
     print(f"wrote a tiny random {args.variant} checkpoint to {out}")
     return 0
 
@@ -93,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--height", type=int, default=64)
     p.add_argument("--width", type=int, default=96)
     p.add_argument("--frames", type=int, default=9)
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into OUT_DIR even if it is not empty (files of the same name are replaced)")
     p.set_defaults(func=_cmd_make_tiny)
     return parser
 

@@ -7,6 +7,7 @@ encoded into the cache and the loop's components are loaded.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -46,13 +47,64 @@ def write_demo_data(cfg: Config, world: World = SINGLE_PROCESS) -> None:
 
 
 def check_inputs(cfg: Config) -> tuple[VariantSpec, list[Sample]]:
-    """Model folder, variant-specific config rules and every data file, before any output."""
+    """Model folder, variant-specific config rules, LoRA targets, the tracker package, every data
+    file, and that the output dir and (when something needs encoding) the cache can be written:
+    all before any output, so a mistake found here leaves earlier outputs as they were."""
+    from fastcog.lora import check_target_modules
+    from fastcog.metrics import check_tracker_available
+    from fastcog.models import meta_transformer
+
     d = cfg.data
     variant = read_variant(cfg.model.path)
     validate_for_variant(cfg, variant)
+    check_tracker_available(cfg.log.report_to)
+    if cfg.model.training_type == "lora":
+        check_target_modules(cfg.lora, meta_transformer(cfg.model.path))
+    out = Path(cfg.train.output_dir)
+    reason = unwritable_reason(out)
+    if reason:
+        raise ConfigError(f"train.output_dir={str(out)!r} cannot be written ({reason}): choose a writable "
+                          "train.output_dir")
     samples = read_dataset(d.data_root, metadata_file=d.metadata_file, caption_column=d.caption_column,
                            video_column=d.video_column, image_column=d.image_column)
+    check_cache_writable(cfg, samples, variant)
     return variant, samples
+
+
+def unwritable_reason(path: Path) -> str | None:
+    """Why `path` cannot be created or written into, or None when it can.
+
+    The nearest folder that exists decides. os.access asks the OS without writing a probe file,
+    so nothing is touched; it honours read-only mounts, and for root it says yes, as writes would.
+    """
+    existing = path.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is read-only"
+    return None
+
+
+def check_cache_writable(cfg: Config, samples: list[Sample], variant: VariantSpec) -> None:
+    """The cache (data.cache_dir, default beside the clips in data_root) must be writable when any
+    sample still needs encoding; a complete cache is only read, so a read-only dataset folder with
+    its cache already in place is fine."""
+    from fastcog.data.prepare import plan
+
+    cache = cache_dir_for(cfg)
+    reason = unwritable_reason(cache)
+    if reason is None:
+        return
+    planned, _ = plan(cfg, samples, variant.is_i2v)  # only now: planning reads every clip's metadata
+    missing = sum(1 for item in planned if item.missing())
+    if not missing:
+        return
+    d = cfg.data
+    key, value = ("data.cache_dir", d.cache_dir) if d.cache_dir else ("data.data_root", d.data_root)
+    raise ConfigError(f"{key}={value!r}: {missing} of {len(planned)} samples need encoding into the cache {cache}, "
+                      f"which cannot be written ({reason}): set data.cache_dir to a writable folder")
 
 
 def prepare_output_dir(cfg: Config, world: World = SINGLE_PROCESS) -> tuple[Path, Path | None]:

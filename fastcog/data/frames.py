@@ -40,10 +40,11 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["RESIZERS", "SAMPLERS", "frame_indices", "resize_frames"]
+__all__ = ["RESIZERS", "SAMPLERS", "frame_converter", "frame_indices", "normalise", "resize_frames", "to_unit_range"]
 
 # A sampler maps (frames available N >= 1, frames wanted F >= 1, rng) to F indices into the
 # decoded clip. Only "random" uses the rng; the others ignore it.
@@ -124,6 +125,29 @@ SAMPLERS: dict[str, Sampler] = {
     "random": _sample_random,
 }
 RESIZERS: dict[str, Resizer] = {"stretch": _resize_stretch, "resize_crop": _resize_crop}
+
+
+def to_unit_range(frames_uint8: np.ndarray) -> torch.Tensor:
+    """uint8 [T, h, w, 3] -> float32 [T, 3, h, w] in 0..255."""
+    return torch.from_numpy(np.ascontiguousarray(frames_uint8)).permute(0, 3, 1, 2).float()
+
+
+def normalise(frames: torch.Tensor) -> torch.Tensor:
+    # Clamp first: the antialiased filter has non-negative weights, but keep the [-1, 1]
+    # contract exact regardless of filter.
+    return (frames.clamp_(0.0, 255.0) / 127.5 - 1.0).contiguous()
+
+
+def frame_converter(height: int, width: int, resize: str) -> Callable[[np.ndarray], torch.Tensor]:
+    """One upright uint8 RGB frame -> float32 [3, height, width] in [-1, 1].
+
+    Frame by frame as decoded, so only output-sized frames are kept; the filter and the
+    scaling are elementwise per frame, so the result equals resizing the stacked clip.
+    """
+    def convert(rgb: np.ndarray) -> torch.Tensor:
+        return normalise(RESIZERS[resize](to_unit_range(rgb[None]), height, width))[0]
+
+    return convert
 
 
 def check_mode(kind: str, value: str, registry: dict) -> None:

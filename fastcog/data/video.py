@@ -2,8 +2,10 @@
 
 Which frames are kept and how they are resized is fastcog.data.frames.
 
-`probe_video` reads a clip's frame count, fps and size from the container without decoding
-(used to put clips into resolution buckets before anything is decoded).
+`probe_video` reads a clip's frame count, fps and displayed size from the container and its
+first frame (used to put clips into resolution buckets before anything else is decoded).
+`decode_video` streams: it picks the frames first and converts only those, and it turns
+frames upright as the clip's display matrix (rotation metadata) says.
 
 Every failure a user can fix (missing file, undecodable file, no video stream, no frames)
 raises `fastcog.errors.DataError` naming the file; the PyAV/Pillow error is chained, never
@@ -13,6 +15,7 @@ swallowed.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -23,10 +26,11 @@ import torch
 from av.video.reformatter import ColorRange
 from PIL import Image, UnidentifiedImageError
 
-from fastcog.data.frames import RESIZERS, SAMPLERS, check_mode, check_rng, check_size
+from fastcog.data.frames import RESIZERS, SAMPLERS, check_mode, check_rng, check_size, frame_converter
 from fastcog.errors import DataError
 
-__all__ = ["VideoInfo", "decode_video", "default_codec", "first_frame", "load_image", "probe_video", "write_video"]
+__all__ = ["DecodedClip", "VideoInfo", "decode_clip", "decode_video", "default_codec", "first_frame", "load_image",
+           "probe_video", "write_video"]
 
 # Pixel formats whose chroma planes are subsampled horizontally and/or vertically, so the
 # encoder rejects odd frame sizes.
@@ -42,52 +46,90 @@ def _check_file(path: Path, what: str) -> None:
         raise DataError(f"{what} {path} is empty (0 bytes); re-export or remove it from the dataset")
 
 
-def _decode_frames(path: Path, limit: int | None = None) -> list[av.VideoFrame]:
-    """Decode up to `limit` frames (all if None) of the first video stream.
+def _open_video(container: av.container.InputContainer, path: Path) -> av.video.stream.VideoStream:
+    if not container.streams.video:
+        raise DataError(f"video {path} has no video stream; re-export it as a video file")
+    return container.streams.video[0]
 
-    Frames are kept as decoded (e.g. yuv420p: half the bytes of RGB, an eighth of float)
-    and only the sampled ones are converted by `_frames_to_rgb`: the colour conversion is
-    about a third of the decode time, and usually most frames are not sampled.
+
+def _read_error(path: Path, exc: Exception, verb: str = "decoded") -> DataError:
+    return DataError(
+        f"video {path} could not be {verb} ({type(exc).__name__}: {exc}); "
+        "the file is corrupt, truncated or not a video: re-export it or remove it from the dataset"
+    )
+
+
+def _upright_rgb(path: Path, frame: av.VideoFrame) -> np.ndarray:
+    """uint8 RGB [h, w, 3] of a decoded frame (any pixel format), turned as its display matrix says.
+
+    Phones store portrait clips as landscape pixels plus a display matrix; `frame.rotation` is
+    the matrix's counter-clockwise angle, so np.rot90 by the same quarter turns (also counter-
+    clockwise) gives the picture a player shows. Flips in the matrix are not applied.
+    """
+    try:
+        rgb = frame.to_ndarray(format="rgb24")
+    except (av.error.FFmpegError, ValueError) as exc:
+        raise DataError(
+            f"video {path} has frames that cannot be converted to RGB ({type(exc).__name__}: {exc}); "
+            "re-export it with a common pixel format such as yuv420p"
+        ) from exc
+    turns = round(frame.rotation / 90) % 4
+    return np.ascontiguousarray(np.rot90(rgb, turns)) if turns else rgb
+
+
+def _scan(path: Path, wanted: set[int], convert: Callable[[np.ndarray], torch.Tensor], stop_after: int | None = None
+          ) -> tuple[dict[int, torch.Tensor], int]:
+    """One streaming pass over the first video stream: ({index: converted frame} for the indices in
+    `wanted`, the number of frames decoded, which is what sampling is defined on).
+
+    Every other frame is dropped as decoded (e.g. yuv420p, never converted to RGB), so memory
+    holds the converted output frames and a few decoder buffers, never the whole clip. With
+    `stop_after` decoding stops once that many frames are out.
 
     A file cut short after its index (e.g. an mp4 written with `faststart` and then
-    truncated) demuxes without error but yields fewer frames; the reference sampling would
-    then silently repeat the last one. So when decoding everything, the demuxed packet count
-    is checked against the frame count the container declares (when it declares one).
-    Packets, not decoded frames, are compared because edit lists may legitimately drop
-    decoded frames.
+    truncated) demuxes without error but yields fewer frames; the sampling would then
+    silently repeat the last one. So a full pass checks the demuxed packet count against the
+    frame count the container declares (when it declares one). Packets, not decoded frames,
+    are compared because edit lists may legitimately drop decoded frames.
     """
     _check_file(path, "video")
-    frames: list[av.VideoFrame] = []
-    packets = 0
-    declared = 0
+    kept: dict[int, torch.Tensor] = {}
+    packets = index = declared = 0
     try:
         with av.open(str(path), mode="r") as container:
-            if not container.streams.video:
-                raise DataError(f"video {path} has no video stream; re-export it as a video file")
-            stream = container.streams.video[0]
+            stream = _open_video(container, path)
             stream.thread_type = "AUTO"
             declared = stream.frames  # 0 when the container does not say
             for packet in container.demux(stream):
                 if packet.size:  # the demuxer ends with an empty flush packet
                     packets += 1
-                frames.extend(packet.decode())
-                if limit is not None and len(frames) >= limit:
-                    return frames[:limit]
+                for frame in packet.decode():
+                    if index in wanted:
+                        kept[index] = convert(_upright_rgb(path, frame))
+                    index += 1
+                if stop_after is not None and index >= stop_after:
+                    return kept, index
     except (av.error.FFmpegError, OSError) as exc:
-        raise DataError(
-            f"video {path} could not be decoded ({type(exc).__name__}: {exc}); "
-            "the file is corrupt, truncated or not a video: re-export it or remove it from the dataset"
-        ) from exc
-    if not frames:
-        raise DataError(
-            f"video {path} contains no decodable frames; re-export it or remove it from the dataset"
-        )
+        raise _read_error(path, exc) from exc
+    if not index:
+        raise DataError(f"video {path} contains no decodable frames; re-export it or remove it from the dataset")
     if declared and packets < declared:
         raise DataError(
             f"video {path} is truncated: its header declares {declared} frames but only {packets} "
             "are present; re-export it or remove it from the dataset"
         )
-    return frames
+    return kept, index
+
+
+def _header_frame_count(path: Path) -> int:
+    """The container's frame count, else the packets counted (reads, decodes nothing); 0 if none."""
+    _check_file(path, "video")
+    try:
+        with av.open(str(path), mode="r") as container:
+            stream = _open_video(container, path)
+            return stream.frames or sum(1 for packet in container.demux(stream) if packet.size)
+    except (av.error.FFmpegError, OSError) as exc:
+        raise _read_error(path, exc) from exc
 
 
 @dataclass(frozen=True)
@@ -99,9 +141,12 @@ class VideoInfo:
     fps: float
     """Average frame rate (frames / duration for variable-rate clips); 0.0 if unknown."""
     height: int
-    """Decoded frame height in pixels (rotation metadata is ignored, as decoding ignores it)."""
+    """Displayed frame height in pixels: the decoded height, or the width when the clip's display
+    matrix turns it a quarter (a portrait phone clip stored as landscape pixels)."""
     width: int
-    """Decoded frame width in pixels."""
+    """Displayed frame width in pixels."""
+    rotation: int = 0
+    """Counter-clockwise degrees the display matrix turns the decoded frames (decoding applies it)."""
 
 
 def _stream_fps(stream: av.video.stream.VideoStream) -> float:
@@ -112,12 +157,13 @@ def _stream_fps(stream: av.video.stream.VideoStream) -> float:
 
 
 def probe_video(path: str | os.PathLike) -> VideoInfo:
-    """Frame count, fps and size of a clip's first video stream, without decoding frames.
+    """Frame count, fps and displayed size of a clip's first video stream, decoding one frame.
 
-    Bucketing every clip of a large dataset must not cost a full decode each, so this reads
-    the container header (mp4/mov/avi store the frame count). Containers that do not store
-    it (mkv/webm) have their packets counted instead, which reads the file but decodes
-    nothing. Only one frame is decoded, and only when the header gives no frame size.
+    Bucketing every clip of a large dataset must not cost a full decode each, so the count
+    comes from the container header (mp4/mov/avi store it). Containers that do not store it
+    (mkv/webm) have their packets counted instead, which reads the file but decodes nothing.
+    The first frame is decoded for its size and its display matrix (PyAV exposes the matrix
+    on decoded frames only), so a portrait phone clip probes as portrait.
 
     The count comes from metadata, so a clip cut short after its index (a truncated
     `faststart` mp4) still probes with its declared length; `decode_video` checks for that.
@@ -125,51 +171,76 @@ def probe_video(path: str | os.PathLike) -> VideoInfo:
     """
     path = Path(path)
     _check_file(path, "video")
+    height = width = rotation = 0
     try:
         with av.open(str(path), mode="r") as container:
-            if not container.streams.video:
-                raise DataError(f"video {path} has no video stream; re-export it as a video file")
-            stream = container.streams.video[0]
+            stream = _open_video(container, path)
             fps = _stream_fps(stream)
             height, width = stream.codec_context.height, stream.codec_context.width
             num_frames = stream.frames  # 0 when the container does not say
             if not num_frames:
                 num_frames = sum(1 for packet in container.demux(stream) if packet.size)
-            if num_frames and not (height and width):
                 container.seek(0)
+            if num_frames:
                 frame = next(container.decode(stream), None)
                 if frame is not None:
-                    height, width = frame.height, frame.width
+                    height, width, rotation = frame.height, frame.width, frame.rotation
     except (av.error.FFmpegError, OSError) as exc:
-        raise DataError(
-            f"video {path} could not be read ({type(exc).__name__}: {exc}); "
-            "the file is corrupt, truncated or not a video: re-export it or remove it from the dataset"
-        ) from exc
+        raise _read_error(path, exc, "read") from exc
     if not num_frames or not (height and width):
         raise DataError(f"video {path} contains no frames; re-export it or remove it from the dataset")
-    return VideoInfo(num_frames=int(num_frames), fps=fps, height=int(height), width=int(width))
+    if round(rotation / 90) % 2:
+        height, width = width, height
+    return VideoInfo(num_frames=int(num_frames), fps=fps, height=int(height), width=int(width), rotation=rotation)
 
 
-def _frames_to_rgb(path: Path, frames: list[av.VideoFrame]) -> np.ndarray:
-    """uint8 RGB [T, h, w, 3] of decoded frames (any pixel format, grayscale included)."""
-    try:
-        return np.stack([frame.to_ndarray(format="rgb24") for frame in frames])
-    except (av.error.FFmpegError, ValueError) as exc:
-        raise DataError(
-            f"video {path} has frames that cannot be converted to RGB ({type(exc).__name__}: {exc}); "
-            "re-export it with a common pixel format such as yuv420p"
-        ) from exc
+@dataclass(frozen=True)
+class DecodedClip:
+    """A training clip and what it was made from."""
+
+    frames: torch.Tensor
+    """float32 [num_frames, 3, height, width] in [-1, 1]."""
+    source_frames: int
+    """Frames the file holds; fewer than requested means the last one was repeated (padding),
+    one means a still image stands for the whole clip."""
 
 
-def _to_unit_range(frames_uint8: np.ndarray) -> torch.Tensor:
-    """uint8 [T, h, w, 3] -> float32 [T, 3, h, w] in 0..255."""
-    return torch.from_numpy(np.ascontiguousarray(frames_uint8)).permute(0, 3, 1, 2).float()
+def decode_clip(
+    path: str | os.PathLike,
+    num_frames: int,
+    height: int,
+    width: int,
+    sampling: str = "reference",
+    resize: str = "stretch",
+    rng: torch.Generator | None = None,
+) -> DecodedClip:
+    """`decode_video`, also saying how many frames the file held (see `DecodedClip`).
 
-
-def _normalise(frames: torch.Tensor) -> torch.Tensor:
-    # Clamp first: the antialiased filter has non-negative weights, but keep the [-1, 1]
-    # contract exact regardless of filter.
-    return (frames.clamp_(0.0, 255.0) / 127.5 - 1.0).contiguous()
+    The frame indices are chosen from the container's frame count first, then the clip is
+    decoded in one streaming pass that converts and resizes only those frames, so memory is
+    bounded by the output clip, not the source. The indices are defined on the decoded count,
+    as before; where that differs from the container's (edit lists, variable-rate or damaged
+    files), the indices are drawn again from the decoded count (the same `rng` draw) and any
+    frames not yet kept are decoded in a second pass.
+    """
+    check_mode("sampling", sampling, SAMPLERS)
+    check_mode("resize", resize, RESIZERS)
+    check_rng(sampling, rng)
+    check_size(num_frames, height, width)
+    path = Path(path)
+    choose = SAMPLERS[sampling]
+    rng_state = rng.get_state() if rng is not None else None
+    convert = frame_converter(height, width, resize)
+    expected = _header_frame_count(path)
+    indices = choose(expected, num_frames, rng) if expected else []
+    kept, decoded = _scan(path, set(indices), convert)
+    if decoded != expected:
+        if rng is not None:
+            rng.set_state(rng_state)
+        indices = choose(decoded, num_frames, rng)
+        if missing := set(indices) - kept.keys():
+            kept.update(_scan(path, missing, convert)[0])
+    return DecodedClip(torch.stack([kept[i] for i in indices]), decoded)
 
 
 def decode_video(
@@ -181,40 +252,25 @@ def decode_video(
     resize: str = "stretch",
     rng: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Decode a clip into float32 [num_frames, 3, height, width] in [-1, 1].
+    """Decode a clip into float32 [num_frames, 3, height, width] in [-1, 1], upright.
 
-    All frames are decoded (every sampling mode needs the true frame count, which container
-    metadata does not reliably give), the sampled ones are resized, then scaled with
-    x / 127.5 - 1 as the VAE expects. `rng` (a CPU ``torch.Generator``) is required for
+    `sampling` picks the frames (fastcog.data.frames; a clip shorter than num_frames repeats
+    its last frame), `resize` scales them, then x / 127.5 - 1 as the VAE expects. A display
+    matrix (rotation metadata) is honoured. `rng` (a CPU ``torch.Generator``) is required for
     ``sampling="random"``; seed it per clip to make the chosen window reproducible.
     """
-    check_mode("sampling", sampling, SAMPLERS)
-    check_mode("resize", resize, RESIZERS)
-    check_rng(sampling, rng)
-    check_size(num_frames, height, width)
-    path = Path(path)
-    decoded = _decode_frames(path)
-    indices = SAMPLERS[sampling](len(decoded), num_frames, rng)
-    unique = sorted(set(indices))  # padding repeats frames: convert each one once
-    rgb = _frames_to_rgb(path, [decoded[i] for i in unique])
-    position = {index: k for k, index in enumerate(unique)}
-    chosen = rgb[[position[i] for i in indices]]
-    frames = RESIZERS[resize](_to_unit_range(chosen), height, width)
-    return _normalise(frames)
+    return decode_clip(path, num_frames, height, width, sampling, resize, rng).frames
 
 
 def first_frame(path: str | os.PathLike, height: int, width: int, resize: str = "stretch") -> torch.Tensor:
-    """First frame of a clip as float32 [3, height, width] in [-1, 1].
+    """First frame of a clip, upright, as float32 [3, height, width] in [-1, 1].
 
     I2V without an image list conditions on each clip's first frame; only that frame is
     decoded.
     """
     check_mode("resize", resize, RESIZERS)
     check_size(None, height, width)
-    path = Path(path)
-    rgb = _frames_to_rgb(path, _decode_frames(path, limit=1))
-    frames = RESIZERS[resize](_to_unit_range(rgb), height, width)
-    return _normalise(frames)[0]
+    return _scan(Path(path), {0}, frame_converter(height, width, resize), stop_after=1)[0][0]
 
 
 def load_image(path: str | os.PathLike, height: int, width: int, resize: str = "stretch") -> torch.Tensor:
@@ -236,8 +292,7 @@ def load_image(path: str | os.PathLike, height: int, width: int, resize: str = "
             f"image {path} could not be decoded ({type(exc).__name__}: {exc}); "
             "the file is corrupt, truncated or not an image: re-export it or remove it from the dataset"
         ) from exc
-    frames = RESIZERS[resize](_to_unit_range(rgb[None]), height, width)
-    return _normalise(frames)[0]
+    return frame_converter(height, width, resize)(rgb)
 
 
 # --------------------------------------------------------------------------------------------
