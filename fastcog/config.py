@@ -152,8 +152,23 @@ def apply_overrides(raw: dict[str, Any], overrides: typing.Sequence[str]) -> dic
         target = out.setdefault(section, {})
         if not isinstance(target, dict):
             raise ConfigError(f"section {section!r} must be a mapping of keys to values, got {target!r}")
-        target[key] = yaml.safe_load(text) if text.strip() else None
+        try:
+            target[key] = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as err:
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({problem}); quote it or close "
+                              "its brackets, e.g. --set lora.target_modules=[to_q,to_k]") from None
     return out
+
+
+def yaml_error_line(path: Path, err: yaml.YAMLError) -> str:
+    """One line for a YAML syntax error: file, line and column (1-based, as editors count), what is wrong."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else str(path)
+    if "\\t" in problem or "\t" in problem:  # the scanner: "found character '\\t' that cannot start any token"
+        return f"{where}: a tab character; YAML forbids tabs for indentation: use spaces instead"
+    return f"{where}: not valid YAML ({problem}): check the indentation, quotes and brackets there"
 
 
 def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Config:
@@ -168,7 +183,7 @@ def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Confi
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+        raise ConfigError(yaml_error_line(path, err)) from None
     cfg = config_from_dict(apply_overrides(raw, overrides))
     validate(cfg)
     return cfg

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 
 from fastcog.config import LoraConfig
+from fastcog.config_validate import closest
+from fastcog.errors import ConfigError
 
 ADAPTER_NAME = "default"
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
@@ -44,6 +46,43 @@ def inject_lora(transformer: torch.nn.Module, cfg: LoraConfig) -> list[torch.nn.
     for p in params:
         p.data = p.data.float()
     return params
+
+
+# The layer types peft's LoRA wraps (peft.tuners.lora.layer.dispatch_default); add_adapter fails on
+# a target that names any other module.
+ADAPTABLE_TYPES = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d,
+                   torch.nn.MultiheadAttention)
+
+
+def _matches(name: str, target: str) -> bool:
+    """peft's rule for a list of target names: the module's full name, or a suffix after a dot."""
+    return name == target or name.endswith("." + target)
+
+
+def check_target_modules(cfg: LoraConfig, transformer: torch.nn.Module) -> None:
+    """Every lora.target_modules entry must name at least one layer LoRA can adapt, and only such layers.
+
+    `transformer` may live on the meta device (fastcog.models.meta_transformer): only names and
+    types are read. peft itself fails only when no entry matches at all, so a misspelt entry next
+    to good ones would otherwise silently train fewer layers.
+    """
+    modules = [(name, module) for name, module in transformer.named_modules() if name]
+    adaptable = [name for name, module in modules if isinstance(module, ADAPTABLE_TYPES)]
+    problems = []
+    for target in cfg.target_modules:
+        hits = [module for name, module in modules if _matches(name, target)]
+        wrong = [type(m).__name__ for m in hits if not isinstance(m, ADAPTABLE_TYPES)]
+        if not hits:
+            suffixes = {name.split(".", i)[-1] for name in adaptable for i in range(name.count(".") + 1)}
+            problems.append(f"{target!r} matches no layer{closest(target, suffixes)}")
+        elif wrong:
+            problems.append(f"{target!r} names a {wrong[0]}, which LoRA cannot adapt")
+    if problems:
+        in_block = dict.fromkeys(name.split(".", 2)[2] for name in adaptable
+                                 if name.startswith("transformer_blocks."))
+        them = "it" if len(problems) == 1 else "them"
+        raise ConfigError(f"lora.target_modules: {'; '.join(problems)}: fix or remove {them} (layers LoRA can "
+                          f"adapt in each block: {', '.join(in_block)})")
 
 
 def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -5,6 +5,7 @@ The FLOP model and MFU live in fastcog.flops.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import resource
@@ -13,6 +14,28 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from fastcog.errors import ConfigError
+
+# log.report_to -> the command that installs the package its writer imports (module of the same name).
+TRACKER_PACKAGES = {"tensorboard": "pip install tensorboard", "wandb": "pip install wandb"}
+
+
+def check_tracker_available(report_to: str) -> None:
+    """Fail before any output is written when log.report_to names a package that is not installed.
+
+    Looked up, not imported: wandb's import alone takes seconds.
+    """
+    if report_to not in TRACKER_PACKAGES:
+        return
+    try:
+        found = importlib.util.find_spec(report_to) is not None
+    except ValueError:  # a module without a spec in sys.modules: not importable either
+        found = False
+    if not found:
+        other = next(name for name in TRACKER_PACKAGES if name != report_to)
+        raise ConfigError(f"log.report_to={report_to} needs the {report_to} package, which is not installed: "
+                          f"{TRACKER_PACKAGES[report_to]} (or set log.report_to: {other} or none)")
 
 
 def peak_memory_gb(device: torch.device) -> float | None:
@@ -50,12 +73,17 @@ class MetricsWriter:
         if report_to == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=str(output_dir / "tensorboard"))
+            # The checkpoint holds steps 1..resume_step; the interrupted run may have logged past it.
+            # purge_step hides every earlier event at or after it, so the first step logged again
+            # (resume_step + 1) and all later ones show once; step resume_step itself is kept.
+            purge = None if resume_step is None else resume_step + 1
+            self._tb = SummaryWriter(log_dir=str(output_dir / "tensorboard"), purge_step=purge)
         elif report_to == "wandb":
             try:
                 import wandb
             except ImportError:
-                raise ImportError("log.report_to=wandb needs wandb: pip install 'fastcog[wandb]'") from None
+                raise ConfigError(f"log.report_to=wandb needs the wandb package: {TRACKER_PACKAGES['wandb']} "
+                                  "(or set log.report_to: tensorboard or none)") from None
             self._wandb = wandb.init(project=run_name, config=config, dir=str(output_dir), resume="allow")
 
     def write(self, record: dict[str, Any]) -> None:

@@ -73,6 +73,18 @@ def read_variant(path: str | Path) -> VariantSpec:
     return detect_variant(cfg)
 
 
+def meta_transformer(path: str | Path) -> torch.nn.Module:
+    """The folder's transformer built from its config.json on the meta device: the module tree
+    (names and layer types) exactly as loading would build it, with no weights read or allocated."""
+    from diffusers import CogVideoXTransformer3DModel
+
+    path = Path(path)
+    read_variant(path)  # the folder and its config are readable and of a known variant
+    cfg = json.loads((path / "transformer" / "config.json").read_text())
+    with torch.device("meta"):
+        return CogVideoXTransformer3DModel.from_config(cfg)
+
+
 def load_components(
     path: str | Path, dtype: str = "bf16", parts: tuple[str, ...] = COMPONENTS
 ) -> Components:
@@ -192,12 +204,14 @@ def tiny_vae_config(variant: str) -> dict[str, Any]:
 
 
 def make_tiny(
-    variant: str, out_dir: str | Path, seed: int = 0, height: int = 64, width: int = 96, frames: int = 9
+    variant: str, out_dir: str | Path, seed: int = 0, height: int = 64, width: int = 96, frames: int = 9,
+    overwrite: bool = False,
 ) -> Path:
     """Write a tiny random diffusers checkpoint of `variant` (same structure, tiny sizes).
 
     The default sample size (64x96 px, 9 frames) is also the only resolution the 5B-I2V
-    variant's learned positional embeddings accept.
+    variant's learned positional embeddings accept. A folder that is not empty (it may hold a
+    real checkpoint) is refused unless `overwrite`.
     """
     from diffusers import (
         AutoencoderKLCogVideoX,
@@ -213,6 +227,12 @@ def make_tiny(
     if height % 16 or width % 16 or (frames - 1) % 8:
         raise ModelError(f"make-tiny needs height/width multiples of 16 and 8N+1 frames, got {frames}x{height}x{width}")
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ModelError(f"make-tiny: {str(out)!r} is a file: choose a new folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        what = "a checkpoint" if (out / "model_index.json").is_file() else "files"
+        raise ModelError(f"make-tiny: {str(out)!r} already holds {what}: choose a new or empty folder, or pass "
+                         "--overwrite to write over it")
     torch.manual_seed(seed)
     tcfg = tiny_transformer_config(variant, height, width, frames)
     transformer = CogVideoXTransformer3DModel(**tcfg)
