@@ -41,8 +41,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from fastcog.checkpoint_guard import check_before_save, write_errors_named
 from fastcog.errors import FastcogError
 from fastcog.parallel import World, barrier
+from fastcog.resume import write_run_record
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 MARKER = "COMPLETE"
@@ -95,6 +97,15 @@ def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
             if m and (child / MARKER).is_file():
                 found.append((int(m.group(1)), child))
     return sorted(found)
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step a checkpoint folder was written at (its trainer_state.json; the name otherwise)."""
+    state = path / TRAINER_STATE
+    if state.is_file():
+        return int(json.loads(state.read_text())["step"])
+    m = _NAME.match(path.name)
+    return int(m.group(1)) if m else 0
 
 
 def resolve_resume(resume_from: str | None, output_dir: Path) -> Path | None:
@@ -181,8 +192,10 @@ class Checkpointer:
     Every rank calls save() at the same steps (it is collective) and wait() before the end.
     """
 
-    def __init__(self, output_dir: Path, world: World, limit: int | None = None, async_save: bool = False) -> None:
+    def __init__(self, output_dir: Path, world: World, limit: int | None = None, async_save: bool = False,
+                 run_record: dict[str, Any] | None = None) -> None:
         self.output_dir, self.world, self.limit, self.async_save = output_dir, world, limit, async_save
+        self.run_record = run_record
         self._pending: _Pending | None = None
         self._group = None
         if async_save and world.distributed:
@@ -198,25 +211,29 @@ class Checkpointer:
         self.wait()
         final = self.output_dir / f"checkpoint-{state.step}"
         tmp = self.output_dir / f".tmp-checkpoint-{state.step}"
+        tensors = _dcp_state(model, optimizer)
+        needed = check_before_save(tensors, state.step, self.output_dir, self.world.is_main)
         if self.world.is_main:
             for stale in self.output_dir.glob(".tmp-checkpoint-*"):
                 shutil.rmtree(stale, ignore_errors=True)
             tmp.mkdir(parents=True)
         barrier()  # the folder exists (and no stale one will be removed) before any rank writes
-        tensors = _dcp_state(model, optimizer)
-        if self.world.is_main:
-            _write_training_state(tmp, state, optimizer, lr_scheduler, grad_scaler)
-        if self.async_save:
-            with _quiet_single_process():
-                result = dcp.async_save(tensors, checkpoint_id=str(tmp), process_group=self._group,
-                                        no_dist=not self.world.distributed)
-            # torch >= 2.9 may answer with (staging, upload) futures; the upload is what matters.
-            future = getattr(result, "upload_completion", result)
-            self._pending = _Pending(tmp, final, future)
-        else:
-            with _quiet_single_process():
-                dcp.save(tensors, checkpoint_id=str(tmp), no_dist=not self.world.distributed)
-            self._finalize(tmp, final)
+        with write_errors_named(tmp, needed):
+            if self.world.is_main:
+                _write_training_state(tmp, state, optimizer, lr_scheduler, grad_scaler)
+                if self.run_record is not None:
+                    write_run_record(tmp, self.run_record)
+            if self.async_save:
+                with _quiet_single_process():
+                    result = dcp.async_save(tensors, checkpoint_id=str(tmp), process_group=self._group,
+                                            no_dist=not self.world.distributed)
+                # torch >= 2.9 may answer with (staging, upload) futures; the upload is what matters.
+                future = getattr(result, "upload_completion", result)
+                self._pending = _Pending(tmp, final, future)
+            else:
+                with _quiet_single_process():
+                    dcp.save(tensors, checkpoint_id=str(tmp), no_dist=not self.world.distributed)
+                self._finalize(tmp, final)
         return final
 
     def poll(self) -> None:
@@ -228,8 +245,9 @@ class Checkpointer:
         """Block until a pending async save is written, then mark it complete."""
         pending, self._pending = self._pending, None
         if pending is not None:
-            pending.future.result()  # raises if the write failed
-            self._finalize(pending.tmp, pending.final)
+            with write_errors_named(pending.tmp, None):
+                pending.future.result()  # raises if the write failed
+                self._finalize(pending.tmp, pending.final)
 
     def _finalize(self, tmp: Path, final: Path) -> None:
         """Rank 0: marker, rename into place, retention. DCP's save finishes on rank 0 (it writes

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from fastcog.errors import FastcogError
+from fastcog.stop import EXIT_PREEMPTED, Preempted
 
 # Lines libraries log while being imported, on every command, that are not errors for fastcog:
 # (logger, substrings the message must all hold). Each drops one known message, nothing else.
@@ -135,6 +136,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except Preempted as err:  # a checkpoint was written: not an error, but not finished either
+        from fastcog.parallel import shutdown_distributed
+
+        print(f"fastcog: {err}", file=sys.stderr)
+        shutdown_distributed()
+        return EXIT_PREEMPTED
     except FastcogError as err:
         print(f"fastcog: error: {err}", file=sys.stderr)
         return 2

@@ -172,6 +172,10 @@ class TrainConfig:
     """Passes over the dataset, unless train_steps is set."""
     train_steps: int | None = None
     """Optimizer steps; overrides train_epochs when set."""
+    max_nonfinite_steps: int = 5
+    """A step whose loss or gradient norm is NaN or inf is skipped (weights and optimizer state
+    unchanged; it still counts as a step) and reported; this many in a row stop the run with an
+    error. fp16's loss scaler skips overflowing gradients itself; only its non-finite losses count."""
     activation_checkpointing: Literal["none", "full", "selective", "auto"] = "full"
     """Which activations each transformer block keeps for backward:
     `full` recompute the whole block in backward (the reference's gradient checkpointing);

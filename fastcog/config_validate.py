@@ -133,6 +133,8 @@ def _check_train(cfg: Config) -> None:
         raise ConfigError(f"train.train_steps={t.train_steps}: must be >= 1 or null (use train_epochs)")
     if t.train_epochs < 1:
         raise ConfigError(f"train.train_epochs={t.train_epochs}: must be >= 1")
+    if t.max_nonfinite_steps < 1:
+        raise ConfigError(f"train.max_nonfinite_steps={t.max_nonfinite_steps}: must be >= 1 (1 stops at the first)")
 
 
 def _check_fast(cfg: Config) -> None:

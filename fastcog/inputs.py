@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from fastcog.checkpoint import list_checkpoints, resolve_resume
+from fastcog.checkpoint import checkpoint_step, list_checkpoints, resolve_resume
 from fastcog.config import Config, save_config, validate_for_variant
 from fastcog.data.cache import CachedDataset, Encoder
 from fastcog.data.listfile import Sample, read_dataset
@@ -23,6 +23,7 @@ from fastcog.errors import ConfigError
 from fastcog.flops import video_tokens
 from fastcog.models import TORCH_DTYPES, load_components, read_variant, set_vae_memory_options
 from fastcog.parallel import SINGLE_PROCESS, World, barrier
+from fastcog.resume import check_resume, run_record, segment_config_path
 from fastcog.variants import VariantSpec
 
 
@@ -107,10 +108,14 @@ def check_cache_writable(cfg: Config, samples: list[Sample], variant: VariantSpe
                       f"which cannot be written ({reason}): set data.cache_dir to a writable folder")
 
 
-def prepare_output_dir(cfg: Config, world: World = SINGLE_PROCESS) -> tuple[Path, Path | None]:
-    """Create the output dir; refuse to overwrite an earlier run's checkpoints.
+def prepare_output_dir(cfg: Config, variant: VariantSpec, world: World = SINGLE_PROCESS,
+                       ) -> tuple[Path, Path | None, dict[str, Any]]:
+    """Create the output dir; refuse to overwrite an earlier run's checkpoints, or to resume one
+    with a config that would train something else (fastcog.resume). Returns (output dir, checkpoint
+    to resume or None, this run's record for its checkpoints).
 
-    Every rank checks (so all raise the same error, or none does); rank 0 writes.
+    Every rank checks (so all raise the same error, or none does); rank 0 writes, and only after
+    every check passed: a refused resume leaves config.yaml and the checkpoints as they were.
     """
     out = Path(cfg.train.output_dir)
     resume = resolve_resume(cfg.checkpoint.resume_from, out)
@@ -119,11 +124,18 @@ def prepare_output_dir(cfg: Config, world: World = SINGLE_PROCESS) -> tuple[Path
             f"train.output_dir={str(out)!r} already holds checkpoints of an earlier run: set "
             "checkpoint.resume_from=latest to continue it, or choose a new train.output_dir"
         )
+    record = run_record(cfg, variant.name, world.world_size)
+    accepted = check_resume(resume, record).accepted if resume is not None else []
     if world.is_main:
+        for line in accepted:
+            print(f"resume: {line} (accepted)")
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
+        segment = segment_config_path(out, checkpoint_step(resume) if resume is not None else 0)
+        segment.parent.mkdir(exist_ok=True)
+        save_config(cfg, segment)
     barrier()
-    return out, resume
+    return out, resume, record
 
 
 def make_encoder_factory(cfg: Config, device: torch.device, variant: VariantSpec) -> Callable[[], Encoder]:

@@ -130,6 +130,36 @@ def build_optimizer(cfg: Config, params: list[torch.nn.Parameter], total_steps: 
     return optimizer, lr_scheduler
 
 
+def apply_hyperparameters(optimizer: Any, lr_scheduler: Any, o: OptimConfig) -> None:
+    """After loading a checkpoint: the config's hyperparameters replace the saved ones.
+
+    torch restores each param group's lr, betas, ... and the schedule's base lrs from the
+    checkpoint, so a changed optim.lr would otherwise be ignored. With unchanged values this
+    writes the same numbers back (the schedule's lr is recomputed by the same rule).
+    """
+    kwargs = optimizer_kwargs(o)
+    lr = kwargs.pop("lr")
+    kwargs.pop("fused", None)
+    lambdas = getattr(lr_scheduler, "lr_lambdas", None)  # every diffusers schedule is a LambdaLR
+    for i, group in enumerate(optimizer.param_groups):
+        for key, value in kwargs.items():
+            if key in group:
+                group[key] = value
+        group["initial_lr"] = lr
+        if lambdas is not None:
+            _set_number(group, "lr", lr * lambdas[i](lr_scheduler.last_epoch))
+    if lambdas is not None:
+        lr_scheduler.base_lrs = [lr] * len(optimizer.param_groups)
+        lr_scheduler._last_lr = [float(g["lr"]) for g in optimizer.param_groups]
+
+
+def _set_number(group: dict[str, Any], key: str, value: float) -> None:
+    if isinstance(group[key], torch.Tensor):  # torchao's low-bit optimizers keep lr as a tensor
+        group[key].fill_(value)
+    else:
+        group[key] = value
+
+
 def _without_autograd_cache(cls: type[torch.optim.Optimizer]) -> type[torch.optim.Optimizer]:
     """`cls` (a torchao low-bit AdamW) whose step compiles without torch's on-disk AOTAutogradCache.
 

@@ -10,6 +10,7 @@ fastcog.build, the result exported by fastcog.export.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -38,8 +39,9 @@ from fastcog.inputs import (
     write_demo_data,
 )
 from fastcog.metrics import MetricsWriter, host_peak_rss_gb, peak_memory_gb
+from fastcog.nonfinite import NonfiniteSteps
 from fastcog.objective import Objective, make_objective
-from fastcog.optim import build_optimizer, check_optimizer_available
+from fastcog.optim import apply_hyperparameters, build_optimizer, check_optimizer_available
 from fastcog.parallel import (
     SINGLE_PROCESS,
     Parallel,
@@ -50,6 +52,7 @@ from fastcog.parallel import (
     init_distributed,
     resolve_strategy,
 )
+from fastcog.stop import Preempted, StopRequest, ignore_stop_signals_in_worker
 
 
 @dataclass
@@ -67,6 +70,8 @@ class RunSummary:
     resumed_from: Path | None = None
     world_size: int = 1
     strategy: str = "none"
+    skipped_steps: int = 0
+    """Steps skipped for a non-finite loss or gradient."""
 
     def lines(self) -> list[str]:
         mem = "not measured (CPU)" if self.mem_peak_gb is None else f"{self.mem_peak_gb:.2f} GB"
@@ -79,7 +84,8 @@ class RunSummary:
             f"  steps          {self.steps}"
             + (f" (resumed from {self.resumed_from.name})" if self.resumed_from else ""),
             f"  processes      {self.world_size}" + (f" ({self.strategy})" if self.world_size > 1 else ""),
-            f"  loss           {trend}",
+            f"  loss           {trend}"
+            + (f", {self.skipped_steps} non-finite steps skipped" if self.skipped_steps else ""),
             f"  wall time      {self.wall_time_s:.1f} s",
             f"  throughput     {thr}",
             f"  peak device    {mem}",
@@ -109,6 +115,7 @@ def micro_batches(dataset: CachedDataset, cfg: Config, state: TrainState, device
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, num_workers=workers, pin_memory=cfg.data.pin_memory and device.type == "cuda",
         persistent_workers=workers > 0, generator=torch.Generator().manual_seed(cfg.train.seed),
+        worker_init_fn=ignore_stop_signals_in_worker if workers > 0 else None,
     )
     if len(sampler) + sampler.skip == 0:
         raise FastcogError(
@@ -139,12 +146,24 @@ def forward_backward(objective: Objective, transformer: torch.nn.Module, batch: 
     return float(loss.detach())
 
 
+@dataclass
+class StepResult:
+    loss: float
+    """Averaged over micro-batches and ranks (the same on every rank)."""
+    grad_norm: float
+    """Pre-clip global gradient norm."""
+    work: StepWork
+    """This rank's work."""
+    skipped: bool
+    """Non-finite loss or gradient: the weights and optimizer state were left unchanged."""
+
+
 def train_step(objective: Objective, par: Parallel, params: list, batches: Iterator, optimizer: Any,
-               lr_scheduler: Any, grad_scaler: Any, cfg: Config, count: WorkCounter) -> tuple[float, float, StepWork]:
+               lr_scheduler: Any, grad_scaler: Any, cfg: Config, count: WorkCounter) -> StepResult:
     """One optimizer step over gradient_accumulation_steps micro-batches.
 
-    Returns (loss averaged over micro-batches and ranks, pre-clip global gradient norm, this
-    rank's work). Gradients are reduced across ranks on the last micro-batch only.
+    Gradients are reduced across ranks on the last micro-batch only. Every rank sees the same
+    loss and norm, so all skip a non-finite step together.
     """
     losses, work = [], StepWork()
     accumulation = cfg.train.gradient_accumulation_steps
@@ -153,29 +172,35 @@ def train_step(objective: Objective, par: Parallel, params: list, batches: Itera
         count(batch, work)
         with par.grad_sync(is_last=i == accumulation - 1):
             losses.append(forward_backward(objective, par.forward_module, batch, cfg, grad_scaler))
-    grad_norm = optimizer_update(optimizer, lr_scheduler, grad_scaler, cfg.optim.max_grad_norm,
-                                 lambda max_norm: par.clip_grad_norm(params, max_norm))
-    return par.mean_over_ranks(sum(losses) / len(losses)), grad_norm, work
+    loss = par.mean_over_ranks(sum(losses) / len(losses))
+    grad_norm, skipped = optimizer_update(optimizer, lr_scheduler, grad_scaler, cfg.optim.max_grad_norm,
+                                          lambda max_norm: par.clip_grad_norm(params, max_norm), math.isfinite(loss))
+    return StepResult(loss, grad_norm, work, skipped)
 
 
 def optimizer_update(optimizer: Any, lr_scheduler: Any, grad_scaler: Any, max_grad_norm: float,
-                     clip: Callable[[float], float]) -> float:
+                     clip: Callable[[float], float], loss_finite: bool = True) -> tuple[float, bool]:
     """After backward: unscale (fp16), clip, step, advance the schedule, zero the gradients.
 
     clip(max_norm) clips and returns the pre-clip global norm; max_grad_norm <= 0 means no
-    clipping (the norm is still measured and returned).
+    clipping (the norm is still measured and returned). Returns (norm, skipped): a non-finite
+    loss or norm never reaches the weights. fp16's scaler skips steps with overflowing gradients
+    itself (that is how it finds its scale), so there only a non-finite loss counts as skipped.
     """
     if grad_scaler is not None:
         grad_scaler.unscale_(optimizer)
     grad_norm = clip(max_grad_norm if max_grad_norm > 0 else float("inf"))
     if grad_scaler is not None:
+        skipped = not loss_finite
         grad_scaler.step(optimizer)
         grad_scaler.update()
     else:
-        optimizer.step()
+        skipped = not (loss_finite and math.isfinite(grad_norm))
+        if not skipped:
+            optimizer.step()
     lr_scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return grad_norm
+    return grad_norm, skipped
 
 
 def total_steps(cfg: Config, batches_per_epoch: int) -> int:
@@ -199,7 +224,7 @@ def train(cfg: Config) -> RunSummary:
     check_fast_path(cfg, device)
     write_demo_data(cfg, world)
     variant, samples = check_inputs(cfg)
-    out, resume_path = prepare_output_dir(cfg, world)
+    out, resume_path, record = prepare_output_dir(cfg, variant, world)
     seed_everything(cfg.train.seed)
 
     dataset = prepare_dataset(cfg, samples, variant, device, world)
@@ -223,13 +248,14 @@ def train(cfg: Config) -> RunSummary:
     state = TrainState()
     if resume_path is not None:
         state = load_checkpoint(resume_path, transformer, optimizer, lr_scheduler, grad_scaler)
+        apply_hyperparameters(optimizer, lr_scheduler, cfg.optim)  # accepted changes (lr, betas, ...) take effect
         if world.is_main:
             print(f"resumed from {resume_path} at step {state.step}")
     else:
         seed_everything(cfg.train.seed)  # the same draws whether or not earlier setup used the RNG
     metrics = (MetricsWriter(out, cfg.log.report_to, cfg.log.tracker_name, to_dict(cfg),
                              resume_step=state.step if resume_path else None) if world.is_main else None)
-    checkpointer = Checkpointer(out, world, cfg.checkpoint.limit, cfg.checkpoint.async_save)
+    checkpointer = Checkpointer(out, world, cfg.checkpoint.limit, cfg.checkpoint.async_save, record)
 
     count = WorkCounter(transformer.config, variant, cfg)
     peak = peak_flops(device)
@@ -241,33 +267,39 @@ def train(cfg: Config) -> RunSummary:
                disable=not (cfg.log.progress_bar and world.is_main), dynamic_ncols=True)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    while state.step < steps:
-        t0 = time.perf_counter()
-        loss, grad_norm, work = train_step(objective, par, params, batches, optimizer, lr_scheduler, grad_scaler,
-                                           cfg, count)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        dt = time.perf_counter() - t0
-        state.step += 1
-        losses.append(loss)
-        step_times.append(dt)
-        step_samples.append(work.samples * world.world_size)
-        lr = float(lr_scheduler.get_last_lr()[0])  # torchao's low-bit optimizers keep lr as a tensor
-        if metrics is not None:
-            metrics.write(step_metrics(state, loss, grad_norm, lr, dt, work, world, peak, device))
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", grad_norm=f"{grad_norm:.3f}")
-        checkpointer.poll()
-        last = state.step == steps
-        every = cfg.checkpoint.every_steps
-        if (every and state.step % every == 0) or (last and cfg.checkpoint.save_final):
-            checkpointer.save(state, transformer, optimizer, lr_scheduler, grad_scaler)
-        if cfg.validation.every_steps and state.step % cfg.validation.every_steps == 0:
-            run_validation(cfg, comps, par, out, state.step, metrics)
-    bar.close()
-    checkpointer.wait()
-    if metrics is not None:
-        metrics.close()
+    stop, nonfinite = StopRequest(), NonfiniteSteps(cfg.train.max_nonfinite_steps)
+    with stop.handling(), _closed_at_exit(bar, metrics):
+        while state.step < steps:
+            t0 = time.perf_counter()
+            result = train_step(objective, par, params, batches, optimizer, lr_scheduler, grad_scaler, cfg, count)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            dt = time.perf_counter() - t0
+            state.step += 1
+            losses.append(result.loss)
+            step_times.append(dt)
+            step_samples.append(result.work.samples * world.world_size)
+            lr = float(lr_scheduler.get_last_lr()[0])  # torchao's low-bit optimizers keep lr as a tensor
+            if metrics is not None:
+                row = step_metrics(state, result.loss, result.grad_norm, lr, dt, result.work, world, peak, device)
+                metrics.write({**row, "skipped": result.skipped})
+            nonfinite.record(state.step, result.loss, result.grad_norm, result.skipped,
+                             log=bar.write if world.is_main else None)
+            bar.update(1)
+            bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{lr:.2e}", grad_norm=f"{result.grad_norm:.3f}")
+            checkpointer.poll()
+            every = cfg.checkpoint.every_steps
+            saved = bool(every and state.step % every == 0) or (state.step == steps and cfg.checkpoint.save_final)
+            if saved:
+                checkpointer.save(state, transformer, optimizer, lr_scheduler, grad_scaler)
+            if cfg.validation.every_steps and state.step % cfg.validation.every_steps == 0:
+                run_validation(cfg, comps, par, out, state.step, metrics)
+            if state.step < steps and stop.agreed(device, world.distributed):
+                if not saved:
+                    checkpointer.save(state, transformer, optimizer, lr_scheduler, grad_scaler)
+                checkpointer.wait()
+                raise Preempted(stop.message(state.step, out, cfg.checkpoint.resume_from is not None))
+        checkpointer.wait()
 
     export_path = export_weights(cfg, par, out, variant)
     first = 1 if len(step_times) > 1 else 0  # the first step includes one-off warm-up
@@ -276,8 +308,19 @@ def train(cfg: Config) -> RunSummary:
         samples_per_s=sum(step_samples[first:]) / sum(step_times[first:]) if step_times else None,
         mem_peak_gb=peak_memory_gb(device), host_peak_rss_gb=host_peak_rss_gb(),
         export_path=export_path, losses=losses, resumed_from=resume_path, world_size=world.world_size,
-        strategy=strategy,
+        strategy=strategy, skipped_steps=nonfinite.total,
     )
+
+
+@contextlib.contextmanager
+def _closed_at_exit(bar: tqdm, metrics: MetricsWriter | None) -> Iterator[None]:
+    """The progress bar and the metrics files are closed (flushed) however the loop ends."""
+    try:
+        yield
+    finally:
+        bar.close()
+        if metrics is not None:
+            metrics.close()
 
 
 def run_validation(cfg: Config, comps: Any, par: Parallel, out: Path, step: int, metrics: MetricsWriter | None,

@@ -236,9 +236,11 @@ def train_step(model: Any, params: list, objective: Any, optimizer: Any, lr_sche
 
     loss = objective(model, batch)
     (scaler.scale(loss) if scaler is not None else loss).backward()
-    grad_norm = optimizer_update(optimizer, lr_scheduler, scaler, cfg.optim.max_grad_norm,
-                                 lambda max_norm: float(torch.nn.utils.clip_grad_norm_(params, max_norm)))
-    return float(loss.detach()), grad_norm
+    value = float(loss.detach())  # the trainer's step reads it before the update too (non-finite skip)
+    grad_norm, _ = optimizer_update(optimizer, lr_scheduler, scaler, cfg.optim.max_grad_norm,
+                                    lambda max_norm: float(torch.nn.utils.clip_grad_norm_(params, max_norm)),
+                                    math.isfinite(value))
+    return value, grad_norm
 
 
 def sync(device: torch.device) -> None:

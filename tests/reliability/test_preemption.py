@@ -1,0 +1,110 @@
+"""Stopping on a signal loses nothing: the step in progress finishes, a checkpoint of it is
+written, the CLI exits with EXIT_PREEMPTED, and resuming continues exactly (fastcog.stop).
+
+The signal is real (os.kill of this process) and is sent while the chosen step runs: the test
+wraps fastcog.trainer.train_step, the one call per optimizer step, and the run goes through
+`fastcog.cli.main` as `fastcog train` would.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import fastcog.trainer
+from fastcog.checkpoint import list_checkpoints
+from fastcog.cli import main
+from fastcog.config import save_config
+from fastcog.stop import EXIT_PREEMPTED
+from tests.runs import make_cfg, read_metrics
+
+STEPS = 6
+
+
+def signal_during_step(monkeypatch, step: int, signums: tuple[int, ...]) -> None:
+    """Send `signums` to this process while optimizer step `step` (1-based, this process) runs."""
+    real, calls = fastcog.trainer.train_step, []
+
+    def train_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == step:
+            for signum in signums:
+                os.kill(os.getpid(), signum)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fastcog.trainer, "train_step", train_step)
+
+
+def config_file(tiny_checkpoint, clips, out: Path, **sections) -> str:
+    cfg = make_cfg(tiny_checkpoint("cogvideox-5b"), clips, out, train={"train_steps": STEPS, "batch_size": 1},
+                   checkpoint={"every_steps": 4, "resume_from": "latest"}, **sections)
+    path = out.parent / f"{out.name}.yaml"
+    save_config(cfg, path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_checkpoint, clips, tmp_path_factory) -> list[float]:
+    out = tmp_path_factory.mktemp("uninterrupted") / "run"
+    assert main(["train", config_file(tiny_checkpoint, clips, out)]) == 0
+    return [row["loss"] for row in read_metrics(out)]
+
+
+def test_sigterm_saves_the_step_and_the_resume_is_exact(tiny_checkpoint, clips, tmp_path, monkeypatch, capsys,
+                                                        uninterrupted):
+    out = tmp_path / "run"
+    cfg = config_file(tiny_checkpoint, clips, out)
+    signal_during_step(monkeypatch, 3, (signal.SIGTERM,))
+    assert main(["train", cfg]) == EXIT_PREEMPTED
+    err = capsys.readouterr().err
+    assert "SIGTERM received" in err and f"stopped on SIGTERM after step 3: checkpoint-3 is in {out}" in err
+    # Step 3 is no checkpoint step (every 4): the stop wrote it, and nothing after it ran.
+    assert [s for s, _ in list_checkpoints(out)] == [3]
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]
+    assert not (out / "lora").exists()  # not finished: nothing exported
+
+    monkeypatch.undo()
+    assert main(["train", cfg]) == 0
+    assert [r["loss"] for r in read_metrics(out)] == uninterrupted  # bit for bit, steps 4..6 included
+    assert (out / "lora").is_dir()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGUSR1])
+def test_sigint_and_sigusr1_stop_the_same_way(tiny_checkpoint, clips, tmp_path, monkeypatch, capsys, signum):
+    out = tmp_path / "run"
+    signal_during_step(monkeypatch, 2, (signum,))
+    assert main(["train", config_file(tiny_checkpoint, clips, out, data={"num_workers": 1})]) == EXIT_PREEMPTED
+    assert [s for s, _ in list_checkpoints(out)] == [2]
+    assert f"stopped on {signal.Signals(signum).name} after step 2" in capsys.readouterr().err
+    # The handlers are this run's only: afterwards the signal does what it did before.
+    assert signal.getsignal(signum) is (signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+
+
+def test_a_stop_on_a_checkpoint_step_writes_it_once(tiny_checkpoint, clips, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    signal_during_step(monkeypatch, 4, (signal.SIGTERM,))
+    assert main(["train", config_file(tiny_checkpoint, clips, out)]) == EXIT_PREEMPTED
+    assert [s for s, _ in list_checkpoints(out)] == [4]
+    assert "checkpoint-4" in capsys.readouterr().err
+
+
+def test_a_second_signal_exits_at_once():
+    """The second signal takes the signal's default action: the process dies of it, then and there."""
+    code = (
+        "import os, signal\n"
+        "from fastcog.stop import StopRequest\n"
+        "with StopRequest().handling():\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    print('first: flagged', flush=True)\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    print('not reached', flush=True)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == -signal.SIGTERM
+    assert done.stdout == "first: flagged\n"
+    assert "second signal (SIGTERM): exiting now" in done.stderr
