@@ -1,4 +1,5 @@
-"""Test-only media helpers: datasets of mixed clip shapes and corrupt (truncated) files.
+"""Test-only media helpers: datasets of mixed clip shapes, corrupt (truncated) files, and clips
+with rotation metadata (a display matrix) like the ones phones record.
 
 Built on fastcog.data.synthetic's clip drawing and atomic writers, which the installed package
 keeps for `make_synthetic_dataset` (demo, smoke runs, benchmarks); what only the tests need
@@ -12,8 +13,10 @@ import io
 import json
 import os
 from collections.abc import Sequence
+from fractions import Fraction
 from pathlib import Path
 
+import av
 import numpy as np
 
 from fastcog.data.synthetic import (
@@ -26,7 +29,7 @@ from fastcog.data.synthetic import (
 )
 from fastcog.data.video import temp_path, write_video
 
-__all__ = ["make_mixed_dataset", "truncate_file"]
+__all__ = ["DISPLAY_TURNS", "make_mixed_dataset", "truncate_file", "write_displayed_clip"]
 
 _MIXED_FORMAT_VERSION = 1
 _SPEC_KEYS = {"num_frames", "height", "width", "fps"}
@@ -142,3 +145,34 @@ def truncate_file(path: str | os.PathLike, fraction: float, dest: str | os.PathL
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_bytes(data)
     return dest
+
+
+# Display matrices in the mp4 `tkhd` layout [a, b, u, c, d, v, x, y, w] (a..d in 16.16 fixed point, w in
+# 2.30): a player shows the stored pixel at column u, row v at (a*u + c*v, b*u + d*v). The keys say how a
+# player turns the stored frame to show it; "clockwise" is what phones write for a portrait clip (ffprobe
+# reports it as "rotation of -90.00 degrees"). Each value pairs the matrix with the np.rot90 quarter turns
+# (counter-clockwise) that store an upright picture so that the player's turn restores it.
+_ONE, _W = 1 << 16, 1 << 30
+DISPLAY_TURNS: dict[str, tuple[list[int], int]] = {
+    "clockwise": ([0, _ONE, 0, -_ONE, 0, 0, 0, 0, _W], 1),
+    "anticlockwise": ([0, -_ONE, 0, _ONE, 0, 0, 0, 0, _W], -1),
+    "half": ([-_ONE, 0, 0, 0, -_ONE, 0, 0, 0, _W], 2),
+}
+
+
+def write_displayed_clip(path: str | os.PathLike, upright: np.ndarray, turn: str, fps: int = 8) -> Path:
+    """Write uint8 RGB frames [F, H, W, 3] so that a player shows them as given: the pixels stored turned
+    the other way, plus a real display matrix (stream side data in the mp4) saying how to turn them back."""
+    matrix, quarter_turns = DISPLAY_TURNS[turn]
+    stored = np.ascontiguousarray(np.rot90(upright, quarter_turns, axes=(1, 2)))
+    path = Path(path)
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264" if "libx264" in av.codecs_available else "mpeg4", rate=Fraction(fps))
+        stream.width, stream.height, stream.pix_fmt = stored.shape[2], stored.shape[1], "yuv420p"
+        stream.set_display_matrix(matrix)
+        for i, array in enumerate(stored):
+            frame = av.VideoFrame.from_ndarray(array, format="rgb24")
+            frame.pts = i
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    return path

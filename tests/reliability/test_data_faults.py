@@ -5,11 +5,18 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from pathlib import Path
 
+import av
+import numpy as np
 import pytest
 import torch
 
-from fastcog.data.buckets import BucketBatchSampler
+import fastcog.data.video as video_module
+from fastcog.data.buckets import BucketBatchSampler, assign_bucket
+from fastcog.data.frames import frame_indices
+from fastcog.data.video import decode_video, first_frame, probe_video, write_video
+from tests.media import DISPLAY_TURNS, write_displayed_clip
 
 # --- every clip is trained every epoch, on any number of ranks ------------------------------------
 
@@ -104,3 +111,62 @@ def test_full_global_batches_keep_their_order(world_size: int) -> None:
         old = _old_global_batches(bucket_of, 1, 5, epoch, world_size)
         new = BucketBatchSampler(bucket_of, 1, 5, epoch, world_size=world_size).global_batches()
         assert [b for b in new if len(set(b)) == world_size and b in old] == old
+
+
+# --- rotation metadata: decoded upright, bucketed by the displayed shape ----------------------------
+
+
+def _bright_top_left(n: int, height: int, width: int) -> np.ndarray:
+    frames = np.full((n, height, width, 3), 20, np.uint8)
+    frames[:, : height // 2, : width // 2] = 235  # marks both "up" and "left"
+    return frames
+
+
+def _quadrant_levels(image: torch.Tensor) -> list[float]:
+    """Mean of [3, h, w] in [-1, 1] over its top-left, top-right, bottom-left, bottom-right quadrants."""
+    h, w = image.shape[-2] // 2, image.shape[-1] // 2
+    return [float(image[:, r : r + h, c : c + w].mean()) for r in (0, h) for c in (0, w)]
+
+
+@pytest.mark.parametrize("turn", DISPLAY_TURNS)
+def test_rotated_clip_decodes_upright_and_buckets_as_displayed(tmp_path: Path, turn: str) -> None:
+    path = write_displayed_clip(tmp_path / f"{turn}.mp4", _bright_top_left(3, 48, 32), turn)  # portrait as shown
+    with av.open(str(path)) as container:  # real metadata: the decoder hands the display matrix on
+        stored = next(container.decode(video=0))
+    assert abs(stored.rotation) == {"clockwise": 90, "anticlockwise": 90, "half": 180}[turn]
+    assert (stored.height, stored.width) == ((48, 32) if turn == "half" else (32, 48))
+
+    info = probe_video(path)
+    assert (info.num_frames, info.height, info.width) == (3, 48, 32)
+    assert assign_bucket(info.num_frames, info.height, info.width, [(3, 32, 48), (3, 48, 32)]) == 1
+    for image in [*decode_video(path, 3, 48, 32), *decode_video(path, 2, 24, 16, "uniform", "resize_crop"),
+                  first_frame(path, 48, 32)]:
+        top_left, *others = _quadrant_levels(image)
+        assert top_left > 0.5 and all(level < -0.5 for level in others), (turn, _quadrant_levels(image))
+
+
+# --- long clips: only the kept frames are converted; a wrong header count changes nothing ----------
+
+
+def test_only_sampled_frames_are_converted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write_video(tmp_path / "long.mp4", np.random.default_rng(0).integers(0, 256, (40, 32, 48, 3), np.uint8), 8)
+    converted = []
+    real = video_module._upright_rgb
+    monkeypatch.setattr(video_module, "_upright_rgb", lambda p, frame: converted.append(frame) or real(p, frame))
+    decode_video(path, 9, 16, 24)
+    assert len(converted) == len(set(frame_indices(40, 9))) == 9
+
+
+@pytest.mark.parametrize("sampling", ["reference", "uniform", "random"])
+def test_a_header_count_that_differs_from_the_decoded_one_changes_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sampling: str) -> None:
+    """Frames are picked from the container's count before decoding; where the decoded count differs (edit
+    lists, damaged or variable-rate files), the same draw is redone on the decoded count."""
+    path = write_video(tmp_path / "c.mp4", np.random.default_rng(1).integers(0, 256, (17, 32, 48, 3), np.uint8), 8)
+    rng = torch.Generator().manual_seed(4)
+    expected, after = decode_video(path, 5, 16, 24, sampling, rng=rng), rng.get_state()
+    for wrong in (11, 30, 0):
+        monkeypatch.setattr(video_module, "_header_frame_count", lambda p, n=wrong: n)
+        rng = torch.Generator().manual_seed(4)
+        assert torch.equal(decode_video(path, 5, 16, 24, sampling, rng=rng), expected), wrong
+        assert torch.equal(rng.get_state(), after)
