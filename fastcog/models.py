@@ -213,6 +213,18 @@ def make_tiny(
     variant's learned positional embeddings accept. A folder that is not empty (it may hold a
     real checkpoint) is refused unless `overwrite`.
     """
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ModelError(f"make-tiny: {str(out)!r} is a file: choose a new folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        what = "a checkpoint" if (out / "model_index.json").is_file() else "files"
+        raise ModelError(f"make-tiny: {str(out)!r} already holds {what}: choose a new or empty folder, or pass "
+                         "--overwrite to write over it")
+    if variant not in VARIANTS:
+        raise ModelError(f"unknown variant {variant!r}: choose one of {', '.join(VARIANTS)}")
+    if height % 16 or width % 16 or (frames - 1) % 8:
+        raise ModelError(f"make-tiny needs height/width multiples of 16 and 8N+1 frames, got {frames}x{height}x{width}")
+    # Imported after the checks: a refusal should not wait seconds for diffusers' models.
     from diffusers import (
         AutoencoderKLCogVideoX,
         CogVideoXDPMScheduler,
@@ -222,17 +234,6 @@ def make_tiny(
     )
     from transformers import T5Config, T5EncoderModel
 
-    if variant not in VARIANTS:
-        raise ModelError(f"unknown variant {variant!r}: choose one of {', '.join(VARIANTS)}")
-    if height % 16 or width % 16 or (frames - 1) % 8:
-        raise ModelError(f"make-tiny needs height/width multiples of 16 and 8N+1 frames, got {frames}x{height}x{width}")
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise ModelError(f"make-tiny: {str(out)!r} is a file: choose a new folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        what = "a checkpoint" if (out / "model_index.json").is_file() else "files"
-        raise ModelError(f"make-tiny: {str(out)!r} already holds {what}: choose a new or empty folder, or pass "
-                         "--overwrite to write over it")
     torch.manual_seed(seed)
     tcfg = tiny_transformer_config(variant, height, width, frames)
     transformer = CogVideoXTransformer3DModel(**tcfg)
