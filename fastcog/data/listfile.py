@@ -2,7 +2,9 @@
 
 - List files (the reference layout): a caption file, a video list and optionally an image
   list, plain text under `data_root`, one entry per line, matched by line number; blank
-  lines are dropped (as the reference does).
+  lines are dropped (as the reference does). When that leaves the files with different
+  counts, the error names the first line that is blank in one file and not in the other
+  (typically a caption left empty), so the fix is one edit.
 - A metadata file: CSV with a header row, or JSONL with one JSON object per line, holding a
   caption, a video path and optionally an image path per row. Unlike list files, a row
   cannot silently shift against another file, so a blank caption is an error naming its
@@ -44,7 +46,7 @@ class Sample:
 
 
 def _read_lines(data_root: Path, name: str, what: str, option: str) -> tuple[Path, list[str]]:
-    """Stripped non-blank lines of a list file under data_root (blank lines are dropped)."""
+    """Stripped lines of a list file under data_root, blank ones included (as "")."""
     path = data_root / name
     if not path.is_file():
         reason = "is not a file" if path.exists() else "does not exist"
@@ -55,15 +57,30 @@ def _read_lines(data_root: Path, name: str, what: str, option: str) -> tuple[Pat
         raise DataError(f"{what} {path} is not valid UTF-8 ({exc}); re-save it as UTF-8") from exc
     except OSError as exc:
         raise DataError(f"{what} {path} could not be read ({exc}); check its permissions") from exc
-    return path, [line.strip() for line in text.splitlines() if line.strip()]
+    return path, [line.strip() for line in text.splitlines()]
+
+
+def _non_blank(lines: list[str]) -> list[str]:
+    return [line for line in lines if line]
 
 
 def _check_count(a_path: Path, a: list[str], b_path: Path, b: list[str]) -> None:
-    if len(a) != len(b):
-        raise DataError(
-            f"{a_path} has {len(a)} non-blank lines but {b_path} has {len(b)}; "
-            "they are matched line by line, so make the counts equal"
-        )
+    """Equal non-blank counts, else one error naming the first line blank in one file only."""
+    if len(_non_blank(a)) == len(_non_blank(b)):
+        return
+    for number, (x, y) in enumerate(zip(a, b), start=1):
+        if bool(x) != bool(y):
+            blank, full, entry = (a_path, b_path, y) if not x else (b_path, a_path, x)
+            entry = entry if len(entry) <= 60 else entry[:57] + "..."
+            raise DataError(
+                f"{blank} line {number} is blank but {full.name} line {number} is {entry!r}; the files are matched "
+                f"line by line: write the missing entry on line {number} of {blank.name}, or delete line {number} "
+                f"of {full.name} to leave that sample out"
+            )
+    raise DataError(
+        f"{a_path} has {len(_non_blank(a))} non-blank lines but {b_path} has {len(_non_blank(b))}; "
+        "they are matched line by line, so make the counts equal"
+    )
 
 
 def _check_root(root: Path) -> None:
@@ -107,11 +124,13 @@ def read_list_dataset(
     if image_column is not None:
         image_path, images = _read_lines(root, image_column, "image list", "image_column")
 
-    if not captions:
+    if not _non_blank(captions):
         raise DataError(f"caption file {caption_path} has no non-blank lines; add one prompt per line")
     _check_count(caption_path, captions, video_path, videos)
     if images is not None:
         _check_count(image_path, images, video_path, videos)
+        images = _non_blank(images)
+    captions, videos = _non_blank(captions), _non_blank(videos)
 
     samples = [
         Sample(

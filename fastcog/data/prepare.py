@@ -5,9 +5,12 @@ Plan -> encode -> report:
            and cache paths keyed on everything that changes the content (cache.py)
   encode   DataLoader workers decode clips and images; the main process runs the VAE and T5;
            under torchrun every rank encodes its own share (item i goes to rank i % world)
-  report   a summary (encoded / reused / failed, items/s) and `failures.jsonl` listing every
-           clip that could not be decoded, with the reason. A failed clip is left out of
-           training; the run stops only when more than data.max_failed_fraction of them fail.
+  report   a summary (encoded / reused / failed, items/s) naming the failed clips, the clips
+           shorter than their bucket (their last frame repeated) and the still images listed
+           as videos; `failures.jsonl` lists every clip that could not be decoded, with the
+           reason, and `notes.jsonl` the padded and still ones (kept across reruns, so a
+           reused item is still reported). A failed clip is left out of training; the run
+           stops only when more than data.max_failed_fraction of them fail.
 
 Every file lands by atomic rename, so a killed prepare leaves only whole items behind and a
 re-run encodes just what is missing.
@@ -56,6 +59,16 @@ class PlannedItem:
                 if p is not None and not p.is_file()]
 
 
+# How many files a summary line names; the rest are counted.
+_MAX_NAMED = 5
+
+
+def named(paths: Sequence[str]) -> str:
+    """'a, b, c' or 'a, b, c, d, e and 7 more'."""
+    more = f" and {len(paths) - _MAX_NAMED} more" if len(paths) > _MAX_NAMED else ""
+    return ", ".join(paths[:_MAX_NAMED]) + more
+
+
 @dataclass
 class PrepareResult:
     items: list[CachedItem]
@@ -64,14 +77,39 @@ class PrepareResult:
     reused: int = 0
     failures: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    notes: list[dict] = field(default_factory=list)
+    """Usable clips that do not fill their bucket: kind "padded" (fewer frames than the bucket,
+    the last one repeated) or "still" (one frame: a still image stands for the whole clip)."""
+    data_root: Path | None = None
+    """Files under it are named relative to it in the summary."""
+
+    def name_of(self, row: dict) -> str:
+        """A report row's file, relative to data_root when under it."""
+        path = Path(row["video"])
+        if self.data_root is not None and path.is_relative_to(self.data_root):
+            return str(path.relative_to(self.data_root))
+        return str(path)
 
     def summary(self, cache_dir: Path) -> str:
         rate = self.encoded / self.seconds if self.seconds > 0 and self.encoded else 0.0
-        line = (f"prepare: {self.encoded} encoded, {self.reused} reused, {len(self.failures)} failed "
-                f"in {self.seconds:.1f} s ({rate:.2f} items/s encoded) -> {cache_dir}")
+        lines = [f"prepare: {self.encoded} encoded, {self.reused} reused, {len(self.failures)} failed "
+                 f"in {self.seconds:.1f} s ({rate:.2f} items/s encoded) -> {cache_dir}"]
         if self.failures:
-            line += f"\n  failures listed in {cache_dir / 'failures.jsonl'}"
-        return line
+            failed = named([self.name_of(f) for f in self.failures])
+            lines.append(f"  failed, left out of training ({len(self.failures)}): {failed}; "
+                         f"reasons in {cache_dir / 'failures.jsonl'}")
+        padded = [n for n in self.notes if n["kind"] == "padded"]
+        if padded:
+            lines.append(f"  shorter than their bucket, last frame repeated ({len(padded)}): "
+                         + named([f"{self.name_of(n)} ({n['frames']} of {n['wanted']} frames)" for n in padded]))
+        stills = [n for n in self.notes if n["kind"] == "still"]
+        if stills:
+            lines.append(f"  a single frame (a still image) repeated for the whole clip ({len(stills)}): "
+                         + named([self.name_of(n) for n in stills]))
+        if self.notes:
+            lines.append(f"  listed in {cache_dir / 'notes.jsonl'}; to leave them out, remove them from the dataset; "
+                         "to train short clips without repeats, add a bucket with fewer frames")
+        return "\n".join(lines)
 
 
 def cache_dir_for(cfg: Config) -> Path:
@@ -128,7 +166,7 @@ class _DecodeJobs(torch.utils.data.Dataset):
         return len(self.items)
 
     def __getitem__(self, i: int) -> dict:
-        from fastcog.data.video import decode_video, first_frame, load_image
+        from fastcog.data.video import decode_clip, first_frame, load_image
 
         item = self.items[i]
         spec, sample, paths = item.spec, item.sample, item.paths
@@ -136,8 +174,9 @@ class _DecodeJobs(torch.utils.data.Dataset):
         try:
             if not paths.latents.is_file():
                 rng = torch.Generator().manual_seed(item.seed)
-                out["frames"] = decode_video(sample.video, spec.num_frames, spec.height, spec.width,
-                                             spec.sampling, spec.resize, rng=rng)
+                clip = decode_clip(sample.video, spec.num_frames, spec.height, spec.width, spec.sampling,
+                                   spec.resize, rng=rng)
+                out["frames"], out["source_frames"] = clip.frames, clip.source_frames
             if paths.image is not None and not paths.image.is_file():
                 if sample.image is not None:
                     out["image"] = load_image(sample.image, spec.height, spec.width, spec.resize)
@@ -166,7 +205,11 @@ def prepare(
     planned, failures = plan(cfg, samples, need_images)
     # A clip that failed before and has not changed since (same cache key) fails again without
     # another decode attempt; editing or replacing the file changes its key and retries it.
-    known_bad = _previous_failures(cache_dir)
+    known_bad = _previous_rows(cache_dir / "failures.jsonl")
+    # Padded and still clips were noted when they were decoded; a reused item keeps its note.
+    known_notes = _previous_rows(cache_dir / "notes.jsonl")
+    notes = [{**known_notes[it.paths.latents.stem], "index": it.index} for it in planned
+             if it.paths.latents.stem in known_notes and it.paths.latents.is_file()]
     for it in planned:
         if it.missing() and it.paths.latents.stem in known_bad:
             failures.append({**known_bad[it.paths.latents.stem], "index": it.index})
@@ -195,6 +238,11 @@ def prepare(
                 continue
             paths, spec = item.paths, item.spec
             if "frames" in job:
+                if job["source_frames"] < spec.num_frames:
+                    notes.append({"index": item.index, "video": str(item.sample.video),
+                                  "kind": "still" if job["source_frames"] == 1 else "padded",
+                                  "frames": job["source_frames"], "wanted": spec.num_frames,
+                                  "key": item.paths.latents.stem})
                 latents = encoder.encode_video(job["frames"], spec.latent_mode, item.seed)
                 save_atomic({"latents": latents}, paths.latents)
             if not paths.prompt_embeds.is_file():
@@ -202,41 +250,46 @@ def prepare(
             if "image" in job:
                 save_atomic({"image": job["image"]}, paths.image)
             encoded += 1
-    all_failures = [f for part in all_gather_objects(failures) for f in part]  # type: ignore[union-attr]
-    # Probe failures are found by every rank alike; keep one of each.
-    unique = {f["index"]: f for f in all_failures}
-    failures = [unique[k] for k in sorted(unique)]
+    # Probe failures and the notes of reused items are found by every rank alike; keep one of each.
+    failures, notes = _gathered(failures), _gathered(notes)
     encoded = sum(all_gather_objects(encoded))  # type: ignore[arg-type]
     barrier()
     failed = {f["index"] for f in failures}
     items = [it.paths for it in planned if it.index not in failed]
+    notes = [n for n in notes if n["index"] not in failed]
     result = PrepareResult(items=items, encoded=encoded, reused=len(items) - encoded, failures=failures,
-                           seconds=time.perf_counter() - t0)
+                           seconds=time.perf_counter() - t0, notes=notes, data_root=Path(cfg.data.data_root))
     if world.is_main:
-        _write_reports(cache_dir, planned, failed, failures)
+        _write_reports(cache_dir, planned, failed, failures, notes)
     barrier()
     total = len(samples)
     if total and len(failures) / total > cfg.data.max_failed_fraction:
         raise DataError(
             f"{len(failures)} of {total} clips could not be used (more than data.max_failed_fraction="
-            f"{cfg.data.max_failed_fraction}); first: {failures[0]['reason']}; all listed in "
-            f"{cache_dir / 'failures.jsonl'}"
+            f"{cfg.data.max_failed_fraction}): {named([result.name_of(f) for f in failures])}; first reason: "
+            f"{failures[0]['reason']}; all listed in {cache_dir / 'failures.jsonl'}"
         )
     if not items:
         raise DataError(f"no usable samples: every clip failed (see {cache_dir / 'failures.jsonl'})")
     return result
 
 
-def _previous_failures(cache_dir: Path) -> dict[str, dict]:
-    """Failures recorded by an earlier prepare, by cache key."""
-    report = cache_dir / "failures.jsonl"
+def _gathered(rows: list[dict]) -> list[dict]:
+    """Every rank's rows, one per sample index, in index order."""
+    unique = {row["index"]: row for part in all_gather_objects(rows) for row in part}  # type: ignore[union-attr]
+    return [unique[k] for k in sorted(unique)]
+
+
+def _previous_rows(report: Path) -> dict[str, dict]:
+    """The rows of a report written by an earlier prepare, by cache key."""
     if not report.is_file():
         return {}
     rows = [json.loads(line) for line in report.read_text().splitlines() if line.strip()]
     return {row["key"]: row for row in rows if "key" in row}
 
 
-def _write_reports(cache_dir: Path, planned: Sequence[PlannedItem], failed: set[int], failures: list[dict]) -> None:
+def _write_reports(cache_dir: Path, planned: Sequence[PlannedItem], failed: set[int], failures: list[dict],
+                   notes: list[dict]) -> None:
     cache_dir.mkdir(parents=True, exist_ok=True)
     manifest = {
         "items": [
@@ -249,7 +302,8 @@ def _write_reports(cache_dir: Path, planned: Sequence[PlannedItem], failed: set[
         ],
     }
     for name, text in (("manifest.json", json.dumps(manifest, indent=1)),
-                       ("failures.jsonl", "".join(json.dumps(f) + "\n" for f in failures))):
+                       ("failures.jsonl", "".join(json.dumps(f) + "\n" for f in failures)),
+                       ("notes.jsonl", "".join(json.dumps(n) + "\n" for n in notes))):
         tmp = cache_dir / f".{name}.{os.getpid()}.tmp"
         tmp.write_text(text)
         os.replace(tmp, cache_dir / name)

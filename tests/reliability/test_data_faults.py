@@ -11,6 +11,8 @@ import av
 import numpy as np
 import pytest
 import torch
+import yaml
+from PIL import Image
 
 import fastcog.data.video as video_module
 from fastcog.data.buckets import BucketBatchSampler, assign_bucket
@@ -170,3 +172,72 @@ def test_a_header_count_that_differs_from_the_decoded_one_changes_nothing(
         rng = torch.Generator().manual_seed(4)
         assert torch.equal(decode_video(path, 5, 16, 24, sampling, rng=rng), expected), wrong
         assert torch.equal(rng.get_state(), after)
+
+
+# --- prepare names what it could not use and what it had to pad ------------------------------------
+
+
+def _prepare_config(tmp_path: Path, model: Path, root: Path, **data) -> Path:
+    raw = {"model": {"path": str(model), "dtype": "fp32"},
+           "data": {"data_root": str(root), "num_frames": 9, "height": 32, "width": 48, "prepare_workers": 0,
+                    "cache_dir": str(tmp_path / "cache"), **data},
+           "train": {"output_dir": str(tmp_path / "out")}, "log": {"report_to": "none", "progress_bar": False}}
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_prepare_names_failed_padded_and_still_files(tiny_checkpoint, clips, tmp_path: Path, capsys) -> None:
+    """Seven undecodable files (five named, then 'and 2 more'), a 3-frame clip taken up to 9 frames and a
+    still image listed as a video: all reported by name, again when a rerun reuses the cache."""
+    from fastcog.cli import main
+
+    root = tmp_path / "data"
+    (root / "v").mkdir(parents=True)
+    write_video(root / "v" / "short.mp4", _bright_top_left(3, 32, 48), 8)
+    Image.fromarray(_bright_top_left(1, 32, 48)[0]).save(root / "v" / "still.png")
+    bad = [f"v/bad_{i}.mp4" for i in range(7)]
+    for name in bad:
+        (root / name).write_bytes(b"not a video at all" * 8)
+    videos = [str(clips / (clips / "videos.txt").read_text().split()[0]), "v/short.mp4", "v/still.png", *bad]
+    (root / "videos.txt").write_text("\n".join(videos) + "\n")
+    (root / "prompts.txt").write_text("".join(f"caption {i}\n" for i in range(len(videos))))
+    cfg = _prepare_config(tmp_path, tiny_checkpoint("cogvideox-5b"), root, max_failed_fraction=0.8)
+
+    for run in ("first", "rerun"):
+        capsys.readouterr()
+        assert main(["prepare", str(cfg)]) == 0
+        out = capsys.readouterr().out
+        counts = "3 encoded, 0 reused" if run == "first" else "0 encoded, 3 reused"
+        assert f"prepare: {counts}, 7 failed" in out, out
+        assert "failed, left out of training (7): " + ", ".join(bad[:5]) + " and 2 more; reasons in " in out, out
+        assert "shorter than their bucket, last frame repeated (1): v/short.mp4 (3 of 9 frames)" in out, out
+        assert "a single frame (a still image) repeated for the whole clip (1): v/still.png" in out, out
+
+    cfg = _prepare_config(tmp_path, tiny_checkpoint("cogvideox-5b"), root, max_failed_fraction=0.5)
+    capsys.readouterr()
+    assert main(["prepare", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fastcog: error: 7 of 10 clips could not be used"), err
+    assert ", ".join(bad[:5]) + " and 2 more; first reason: " in err[0]
+
+
+# --- a blank caption line: one error with its line number -----------------------------------------
+
+
+def test_blank_caption_line_is_one_error_naming_the_line(tiny_checkpoint, clips, tmp_path: Path, capsys) -> None:
+    from fastcog.cli import main
+
+    root = tmp_path / "data"
+    root.mkdir()
+    videos = [str(clips / v) for v in (clips / "videos.txt").read_text().split()[:3]]
+    (root / "videos.txt").write_text("\n".join(videos) + "\n")
+    (root / "prompts.txt").write_text("a red square\n\nblue circle\n")
+    capsys.readouterr()
+    assert main(["prepare", str(_prepare_config(tmp_path, tiny_checkpoint("cogvideox-5b"), root))]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == (
+        f"fastcog: error: {root / 'prompts.txt'} line 2 is blank but videos.txt line 2 is {videos[1]!r}; the files "
+        "are matched line by line: write the missing entry on line 2 of prompts.txt, or delete line 2 of "
+        "videos.txt to leave that sample out\n")
