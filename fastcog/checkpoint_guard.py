@@ -32,8 +32,8 @@ def local_bytes(tensors: Any) -> int:
     return 0
 
 
-def _gb(n: float) -> str:
-    return f"{n / 1e9:.2f} GB"
+def _size(n: float) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
 def _nonfinite(model_state: dict[str, Any], step: int) -> str | None:
@@ -49,7 +49,7 @@ def _no_room(folder: Path, needed: int) -> str | None:
     free = shutil.disk_usage(folder).free
     if free >= needed * 1.05 + (64 << 20):  # the tensors, DCP's metadata and the small files
         return None
-    return (f"not enough space for a checkpoint in {folder}: it needs about {_gb(needed)}, {_gb(free)} is free; "
+    return (f"not enough space for a checkpoint in {folder}: it needs about {_size(needed)}, {_size(free)} is free; "
             "free space, lower checkpoint.limit or move train.output_dir, then resume (earlier checkpoints are intact)")
 
 
@@ -76,9 +76,9 @@ def write_errors_named(tmp: Path, needed: int | None) -> Iterator[None]:
             raise
         shutil.rmtree(tmp, ignore_errors=True)
         free = shutil.disk_usage(tmp.parent).free
-        size = f"it needs about {_gb(needed)}, " if needed else ""
+        size = f"it needs about {_size(needed)}, " if needed else ""
         raise FastcogError(
             f"could not write {tmp.name.removeprefix('.tmp-')} in {tmp.parent} ({text.splitlines()[0][:160]}); "
-            f"{size}{_gb(free)} is free there: free space or move train.output_dir, then resume (earlier "
+            f"{size}{_size(free)} is free there: free space or move train.output_dir, then resume (earlier "
             "checkpoints are intact)"
         ) from None

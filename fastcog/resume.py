@@ -43,8 +43,9 @@ STATE_KEYS: dict[str, str] = {
 _BLOCK, _BLOCKS = 64 * 1024, 16
 
 
-def model_fingerprint(model_path: str | Path) -> str:
-    """A hash of the base transformer's config and of names, sizes and sampled bytes of its files."""
+def transformer_fingerprint(model_path: str | Path) -> str:
+    """The base transformer's identity by content (a moved folder keeps it): a hash of its files' names,
+    sizes and sampled bytes. (The latent cache keys its encoders by fastcog.data.cache.model_fingerprint.)"""
     folder = Path(model_path) / "transformer"
     h = hashlib.sha256()
     for f in sorted(p for p in folder.rglob("*") if p.is_file()):
@@ -59,7 +60,7 @@ def model_fingerprint(model_path: str | Path) -> str:
 
 def run_record(cfg: Config, variant_name: str, world_size: int) -> dict[str, Any]:
     return {"config": to_dict(cfg), "world_size": world_size, "variant": variant_name,
-            "model_fingerprint": model_fingerprint(cfg.model.path)}
+            "model_fingerprint": transformer_fingerprint(cfg.model.path)}
 
 
 def write_run_record(folder: Path, record: dict[str, Any]) -> None:
