@@ -47,10 +47,11 @@ def write_demo_data(cfg: Config, world: World = SINGLE_PROCESS) -> None:
     barrier()
 
 
-def check_inputs(cfg: Config) -> tuple[VariantSpec, list[Sample]]:
-    """Model folder, variant-specific config rules, LoRA targets, the tracker package, every data
-    file, and that the output dir and (when something needs encoding) the cache can be written:
-    all before any output, so a mistake found here leaves earlier outputs as they were."""
+def check_inputs(cfg: Config, training: bool = True) -> tuple[VariantSpec, list[Sample]]:
+    """Model folder, variant-specific config rules, LoRA targets, every data file, and that the
+    cache can be written when something needs encoding; for `training` also the tracker package
+    and a writable output dir (`fastcog prepare` needs neither). All before any output, so a
+    mistake found here leaves earlier outputs as they were."""
     from fastcog.lora import check_target_modules
     from fastcog.metrics import check_tracker_available
     from fastcog.models import meta_transformer
@@ -58,14 +59,15 @@ def check_inputs(cfg: Config) -> tuple[VariantSpec, list[Sample]]:
     d = cfg.data
     variant = read_variant(cfg.model.path)
     validate_for_variant(cfg, variant)
-    check_tracker_available(cfg.log.report_to)
     if cfg.model.training_type == "lora":
         check_target_modules(cfg.lora, meta_transformer(cfg.model.path))
-    out = Path(cfg.train.output_dir)
-    reason = unwritable_reason(out)
-    if reason:
-        raise ConfigError(f"train.output_dir={str(out)!r} cannot be written ({reason}): choose a writable "
-                          "train.output_dir")
+    if training:
+        check_tracker_available(cfg.log.report_to)
+        out = Path(cfg.train.output_dir)
+        reason = unwritable_reason(out)
+        if reason:
+            raise ConfigError(f"train.output_dir={str(out)!r} cannot be written ({reason}): choose a writable "
+                              "train.output_dir")
     samples = read_dataset(d.data_root, metadata_file=d.metadata_file, caption_column=d.caption_column,
                            video_column=d.video_column, image_column=d.image_column)
     check_cache_writable(cfg, samples, variant)
