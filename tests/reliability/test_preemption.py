@@ -8,6 +8,7 @@ wraps fastcog.trainer.train_step, the one call per optimizer step, and the run g
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -108,3 +109,25 @@ def test_a_second_signal_exits_at_once():
     assert done.returncode == -signal.SIGTERM
     assert done.stdout == "first: flagged\n"
     assert "second signal (SIGTERM): exiting now" in done.stderr
+
+
+def test_two_ranks_stop_together_when_one_is_signalled(torchrun_data, tmp_path):
+    """torchrun, 2 ranks (gloo): SIGTERM reaches rank 1 only, during step 3. Both ranks stop after step 3
+    (the flag is all-reduced at the step boundary, so rank 0 never waits in a collective), checkpoint-3
+    is written, and the resumed run's losses equal an uninterrupted 2-rank run's, bit for bit."""
+    from tests.torchrun import Call, launch_many, metrics, raw_config, write_config
+
+    sections = {"train": {"train_steps": STEPS}, "checkpoint": {"every_steps": 4, "resume_from": "latest"}}
+    full = raw_config(torchrun_data, tmp_path / "full", ranks=2, **sections)
+    resumed = raw_config(torchrun_data, tmp_path / "resumed", ranks=2, **sections)
+    cfg = write_config(resumed, "interrupted")
+    outcomes = launch_many({"full": full, "interrupted": Call("tests.reliability.preempt_worker:interrupted",
+                                                               [str(cfg), "1", "3"]),
+                            "resumed": resumed}, tmp_path / "launch", nproc=2, cpu_only=True)
+    assert all(o.status == 0 for o in outcomes.values()), {n: o.stderr[-2000:] for n, o in outcomes.items()}
+    stops = [json.loads((tmp_path / f"outcome-rank{r}.json").read_text()) for r in (0, 1)]
+    assert stops[0]["preempted"] and stops[1]["preempted"]
+    assert stops[0]["message"].startswith("stopped on a signal to another rank after step 3: checkpoint-3")
+    assert stops[1]["message"].startswith("stopped on SIGTERM after step 3: checkpoint-3")
+    assert [s for s, _ in list_checkpoints(tmp_path / "resumed")] == [3, 4, STEPS]
+    assert [r["loss"] for r in metrics(tmp_path / "resumed")] == [r["loss"] for r in metrics(tmp_path / "full")]
