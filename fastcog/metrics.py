@@ -81,9 +81,9 @@ class MetricsWriter:
         elif report_to == "wandb":
             try:
                 import wandb
-            except ImportError:
-                raise ConfigError(f"log.report_to=wandb needs the wandb package: {TRACKER_PACKAGES['wandb']} "
-                                  "(or set log.report_to: tensorboard or none)") from None
+            except ImportError as err:  # installed (check_tracker_available passed) but broken
+                raise ConfigError(f"log.report_to=wandb: importing wandb failed ({err}): reinstall it with "
+                                  f"{TRACKER_PACKAGES['wandb']} (or set log.report_to: tensorboard or none)") from None
             self._wandb = wandb.init(project=run_name, config=config, dir=str(output_dir), resume="allow")
 
     def write(self, record: dict[str, Any]) -> None:
