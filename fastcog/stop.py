@@ -4,7 +4,9 @@ SLURM preemption and time limits send SIGTERM (and, with `--signal`, SIGUSR1 ahe
 limit); Ctrl-C sends SIGINT. Inside the training loop the first of these only raises a flag;
 the loop finishes the optimizer step in progress, writes a checkpoint and raises `Preempted`,
 which the CLI turns into exit code EXIT_PREEMPTED. A second signal exits at once, by the
-signal's default action, for when saving itself hangs.
+signal's default action, for when saving itself hangs. A repeat within DUPLICATE_WINDOW_S of the
+first is the same request delivered twice, not a second one: a scheduler signals every process
+of a job step, and torchrun forwards what it receives to its workers as well.
 
 Under torchrun a signal may reach only some ranks, so the ranks agree at every step boundary
 through one all-reduce (max) of the flag: all stop after the same step, and none is left
@@ -16,6 +18,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,6 +31,7 @@ if TYPE_CHECKING:
     import torch
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+DUPLICATE_WINDOW_S = 1.0
 EXIT_PREEMPTED = 75
 """sysexits' EX_TEMPFAIL: stopped on request with a checkpoint written; run the same command to resume."""
 
@@ -39,17 +43,21 @@ class Preempted(FastcogError):
 class StopRequest:
     """This process's stop flag, set by STOP_SIGNALS while `handling()` is active."""
 
-    def __init__(self) -> None:
+    def __init__(self, duplicate_window_s: float = DUPLICATE_WINDOW_S) -> None:
         self.signal_name: str | None = None
+        self.duplicate_window_s = duplicate_window_s
+        self._first_at = 0.0
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
         if self.signal_name is not None:
+            if time.monotonic() - self._first_at < self.duplicate_window_s:
+                return
             print(f"fastcog: second signal ({name}): exiting now, without a checkpoint", file=sys.stderr, flush=True)
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
-        self.signal_name = name
+        self.signal_name, self._first_at = name, time.monotonic()
         print(f"fastcog: {name} received: finishing this step, then writing a checkpoint "
               "(send it again to exit at once)", file=sys.stderr, flush=True)
 

@@ -21,7 +21,7 @@ import fastcog.trainer
 from fastcog.checkpoint import list_checkpoints
 from fastcog.cli import main
 from fastcog.config import save_config
-from fastcog.stop import EXIT_PREEMPTED
+from fastcog.stop import DUPLICATE_WINDOW_S, EXIT_PREEMPTED
 from tests.runs import make_cfg, read_metrics
 
 STEPS = 6
@@ -94,21 +94,35 @@ def test_a_stop_on_a_checkpoint_step_writes_it_once(tiny_checkpoint, clips, tmp_
     assert "checkpoint-4" in capsys.readouterr().err
 
 
-def test_a_second_signal_exits_at_once():
-    """The second signal takes the signal's default action: the process dies of it, then and there."""
+def run_two_signals(window_s: float) -> subprocess.CompletedProcess:
     code = (
         "import os, signal\n"
         "from fastcog.stop import StopRequest\n"
-        "with StopRequest().handling():\n"
+        f"stop = StopRequest(duplicate_window_s={window_s})\n"
+        "with stop.handling():\n"
         "    os.kill(os.getpid(), signal.SIGTERM)\n"
         "    print('first: flagged', flush=True)\n"
         "    os.kill(os.getpid(), signal.SIGTERM)\n"
-        "    print('not reached', flush=True)\n"
+        "    print('still running, stop requested by', stop.signal_name, flush=True)\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+
+
+def test_a_second_signal_exits_at_once():
+    """The second signal takes the signal's default action: the process dies of it, then and there."""
+    done = run_two_signals(window_s=0.0)
     assert done.returncode == -signal.SIGTERM
     assert done.stdout == "first: flagged\n"
     assert "second signal (SIGTERM): exiting now" in done.stderr
+
+
+def test_the_same_signal_delivered_twice_at_once_is_one_request():
+    """A scheduler signals every process of the job and torchrun forwards it too: a repeat within the
+    duplicate window (1 s) is not a second request."""
+    done = run_two_signals(window_s=DUPLICATE_WINDOW_S)
+    assert done.returncode == 0
+    assert done.stdout == "first: flagged\nstill running, stop requested by SIGTERM\n"
+    assert done.stderr.count("SIGTERM received") == 1
 
 
 def test_two_ranks_stop_together_when_one_is_signalled(torchrun_data, tmp_path):
