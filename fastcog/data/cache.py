@@ -27,7 +27,9 @@ from fastcog.variants import VAE_SPATIAL_FACTOR
 
 # Bump when the stored layout or what an item holds changes: old items are then simply not found.
 # 2: the VAE sample / frame-window seed depends on the clip's path under data_root, not on the key.
-CACHE_FORMAT = 2
+# 3: clips with a display matrix (phone footage) are decoded upright; earlier items of such clips lie on
+#    their side, and the key cannot tell them apart without probing every clip.
+CACHE_FORMAT = 3
 
 
 @dataclass(frozen=True)
