@@ -88,13 +88,13 @@ def torchrun_data(tiny_checkpoint, clips, tmp_path_factory) -> dict[str, str]:
 def four_rank_runs(torchrun_data, tmp_path_factory) -> dict:
     """The suite's 4-rank work in one torchrun launch (tests/torchrun.py's launch_many; starting 4 ranks on
     a 2-core machine costs more than either job): `hsdp`, test_distributed's HSDP training run, and
-    `fp8_worker`, test_fp8_fsdp's FP8 sharding worker as HSDP (replicate degree 2). CPU and gloo even
-    where a GPU is visible. name -> (output folder, Outcome)."""
+    `fp8_worker`, test_fp8_fsdp's FP8 sharding worker (tests/fp8_runs.py) as HSDP (replicate degree 2).
+    CPU and gloo even where a GPU is visible. name -> (output folder, Outcome)."""
     from tests.torchrun import Call, hsdp_config, launch_many
 
     root = tmp_path_factory.mktemp("four_rank_runs")
     (root / "fp8_worker").mkdir()
     runs = {"hsdp": hsdp_config(torchrun_data, root / "hsdp"),
-            "fp8_worker": Call("tests.test_fp8_fsdp:worker", [str(root / "fp8_worker"), torchrun_data["model"], "2"])}
+            "fp8_worker": Call("tests.fp8_runs:worker", [str(root / "fp8_worker"), torchrun_data["model"], "2"])}
     outcomes = launch_many(runs, root, nproc=4, cpu_only=True)
     return {name: (root / name, outcome) for name, outcome in outcomes.items()}

@@ -44,7 +44,7 @@ def read_lora(out: Path) -> dict[str, torch.Tensor]:
 def tiny_lora_transformer(model_path) -> torch.nn.Module:
     """The tiny bf16 CogVideoX at ``model_path`` with rank-4 LoRA and nonzero (seeded) lora_B.
 
-    Used by tests/test_fp8.py and by the torchrun worker of tests/test_fp8_fsdp.py."""
+    Used by tests/test_fp8.py and by the torchrun worker in tests/fp8_runs.py."""
     from fastcog.config import LoraConfig
     from fastcog.lora import inject_lora
     from fastcog.models import load_components

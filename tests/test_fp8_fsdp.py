@@ -3,16 +3,16 @@
 torchrun on CPU with gloo, as tests/test_distributed.py (the helpers of tests/torchrun.py, the data of
 conftest.py's torchrun_data).
 
-* `test_fp8_weights_are_sharded_and_gathered_as_fp8`: a worker (`worker` below, on every rank of
-  a torchrun launch) converts a tiny LoRA CogVideoX to FP8 (every kind that runs on this CPU),
-  computes the unsharded model's results once (rank 0, eager), applies fastcog.parallel's FSDP
-  and checks, per rank: the local FP8 bytes are exactly half of the whole (the 1-rank bytes) on
-  2 ranks, every FP8 tensor is an FP8 DTensor shard; in the forward each FP8 linear sees its
-  whole weight in FP8; the all-gathers carry exactly the parameters' stored bytes (FP8 as 1
-  byte, never widened to 2); and the output, the input gradient and every LoRA gradient are
-  bitwise equal to the unsharded model's (same input on every rank: FSDP must change nothing
-  but where the weights live), eager and compiled; and the same on 4 ranks as HSDP (2 replicas
-  x 2 shards).
+* `test_fp8_weights_are_sharded_and_gathered_as_fp8`: a worker (tests/fp8_runs.py's `worker`, on
+  every rank of a torchrun launch) converts a tiny LoRA CogVideoX to FP8 (every kind that runs on
+  this CPU), computes the unsharded model's results once (rank 0, eager), applies
+  fastcog.parallel's FSDP and checks, per rank: the local FP8 bytes are exactly half of the whole
+  (the 1-rank bytes) on 2 ranks, every FP8 tensor is an FP8 DTensor shard; in the forward each FP8
+  linear sees its whole weight in FP8; the all-gathers carry exactly the parameters' stored bytes
+  (FP8 as 1 byte, never widened to 2); and the output, the input gradient and every LoRA gradient
+  are bitwise equal to the unsharded model's (same input on every rank: FSDP must change nothing
+  but where the weights live), eager and compiled; and the same on 4 ranks as HSDP (2 replicas x
+  2 shards).
 * `test_two_ranks_train_as_one` (storage; rowwise where this torch's CPU _scaled_mm has it):
   2 ranks x batch 1 (FSDP) against 1 process x batch 2 through the real trainer: per-step loss,
   pre-clip gradient norm, final LoRA.
@@ -66,16 +66,6 @@ def data(torchrun_data) -> dict[str, str]:
     return torchrun_data
 
 
-def fp8_bytes(module: torch.nn.Module) -> int:
-    """Bytes of FP8 weights this rank holds (a DTensor counts its local shard)."""
-    total = 0
-    for t in [*module.parameters(), *module.buffers()]:
-        if t.dtype in FP8:
-            local = t.to_local() if hasattr(t, "to_local") else t
-            total += local.numel() * local.element_size()
-    return total
-
-
 @pytest.mark.parametrize("kind", KINDS)
 def test_weights_as_parameters_changes_only_the_registration(kind):
     """What fastcog.parallel does before fully_shard, in one process: the same FP8 tensors (not
@@ -109,147 +99,8 @@ def test_weights_as_parameters_changes_only_the_registration(kind):
 
 
 # --------------------------------------------------------------------------------------------
-# The worker: sharding, gathering and bitwise equality with the unsharded model
+# The worker's reports (tests/fp8_runs.py): sharding, gathering, bitwise equality
 # --------------------------------------------------------------------------------------------
-
-
-def _tiny_lora_fp8(model_path: str, kind: str) -> torch.nn.Module:
-    from fastcog.fast.fp8 import convert_linears_to_fp8, convert_linears_to_fp8_storage
-    from tests.runs import tiny_lora_transformer
-
-    torch.manual_seed(0)  # the same LoRA A on every rank
-    transformer = tiny_lora_transformer(model_path)
-    if kind == "storage":
-        convert_linears_to_fp8_storage(transformer, min_features=16)
-    else:
-        convert_linears_to_fp8(transformer, kind, min_features=16)
-    return transformer
-
-
-def _step(model: torch.nn.Module, after_forward=lambda: None) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """One forward and backward under the trainer's autocast; the same input on every rank."""
-    g = torch.Generator().manual_seed(51)
-    hidden = torch.randn(1, 3, 16, 8, 12, generator=g).to(torch.bfloat16).requires_grad_()
-    text = torch.randn(1, 16, 32, generator=g).to(torch.bfloat16)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model(hidden_states=hidden, encoder_hidden_states=text, timestep=torch.tensor([500]), return_dict=False)
-    out = out[0]
-    after_forward()
-    out.float().square().mean().backward()
-    grads = {}
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            grads[name] = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
-    return out.detach(), hidden.grad, grads
-
-
-class GatherLog:
-    """The all-gathers FSDP issues (output dtype and bytes), whichever collective this torch uses."""
-
-    NAMES = ("all_gather_into_tensor", "all_gather_single")
-
-    def __init__(self) -> None:
-        import torch.distributed as dist
-
-        self.dist, self.saved, self.calls = dist, {}, []
-
-    def __enter__(self) -> GatherLog:
-        for name in self.NAMES:
-            if hasattr(self.dist, name):
-                original = self.saved[name] = getattr(self.dist, name)
-
-                def logged(output, *args, _original=original, **kwargs):
-                    self.calls.append((str(output.dtype), output.numel() * output.element_size()))
-                    return _original(output, *args, **kwargs)
-
-                setattr(self.dist, name, logged)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for name, original in self.saved.items():
-            setattr(self.dist, name, original)
-
-
-def _stored_bytes(model: torch.nn.Module, shards: int) -> tuple[int, int]:
-    """(bytes of every parameter as stored, padded as FSDP pads dim 0; the same with FP8 widened to 2)."""
-    stored = widened = 0
-    for p in model.parameters():
-        rows = -(-p.shape[0] // shards) * shards if p.dim() else 1
-        numel = rows * (p.numel() // p.shape[0] if p.dim() and p.shape[0] else 1)
-        stored += numel * p.element_size()
-        widened += numel * (2 if p.dtype in FP8 else p.element_size())
-    return stored, widened
-
-
-def worker(out_dir: str, model_path: str, replicate: int | str, *kinds: str) -> None:
-    """On every rank of a torchrun launch; writes out_dir/rank<r>.json. kinds: default KINDS."""
-    import torch.distributed as dist
-
-    from fastcog.build import shard_fp8_weights
-    from fastcog.config import ParallelConfig
-    from fastcog.fast.fp8 import fp8_modules
-    from fastcog.parallel import init_distributed, parallelize
-
-    world, replicate, kinds = init_distributed(), int(replicate), kinds or tuple(KINDS)
-    shards = world.world_size // replicate
-    report: dict[str, dict] = {}
-    for kind in kinds:
-        # The reference: the model as one process runs it (FP8 buffers, no FSDP), eager, built the same
-        # way; computed once, on rank 0, and sent to every rank. The sharded model, eager and compiled,
-        # must give its output and gradients bit for bit.
-        expected: list = [_step(_tiny_lora_fp8(model_path, kind)) if world.rank == 0 else None]
-        dist.broadcast_object_list(expected, src=0)
-        out_ref, dx_ref, grads_ref = expected[0]
-        for compiled in (False, True):
-            torch._dynamo.reset()
-            model = _tiny_lora_fp8(model_path, kind)
-            if compiled:  # as fast.compile does it: each block, before fully_shard
-                for block in model.transformer_blocks:
-                    block.compile(fullgraph=True, backend="aot_eager")
-            whole = fp8_bytes(model)
-            param_dtype = None if shard_fp8_weights(model) else torch.bfloat16  # as fastcog.build does
-            par = parallelize(
-                model, ParallelConfig(replicate_degree=replicate), "fsdp", world, torch.device("cpu"), param_dtype
-            )
-            fp8_params = {n: p for n, p in par.module.named_parameters() if p.dtype in FP8}
-            r = {
-                "whole": whole,
-                "local": fp8_bytes(par.module),
-                "fp8_buffers": [n for n, b in par.module.named_buffers() if b.dtype in FP8],
-                "fp8_params": len(fp8_params),
-                "fp8_params_sharded": all(
-                    type(p.data).__name__ == "DTensor" and not p.requires_grad and p.to_local().dtype == p.dtype
-                    for p in fp8_params.values()
-                ),
-                "fp8_modules": len(fp8_modules(par.module)),
-            }
-            seen: list[tuple[str, list[int], bool]] = []
-
-            def record(module, args, _seen=seen):
-                for name in module.fp8_weight_names:
-                    w = getattr(module, name)
-                    _seen.append((str(w.dtype), list(w.shape), hasattr(w, "to_local")))
-
-            hooks = [m.register_forward_pre_hook(record) for m in fp8_modules(par.module)]
-            r["stored"], r["widened"] = _stored_bytes(par.module, shards)
-            # Resharded after the forward (reshard_after_forward), so gathered again for the backward:
-            # every block but the last.
-            r["regathered"] = sum(_stored_bytes(b, shards)[0] for b in par.module.transformer_blocks[:-1])
-            with GatherLog() as log:
-                out, dx, grads = _step(par.module, lambda r=r, log=log: r.setdefault("forward_calls", len(log.calls)))
-            for h in hooks:
-                h.remove()
-            r["gathers"] = log.calls
-            r["seen_in_forward"] = seen
-            r["whole_shapes"] = sorted([str(p.dtype), list(p.shape)] for p in fp8_params.values())
-            r["out_equal"] = torch.equal(out, out_ref)
-            r["dx_equal"] = torch.equal(dx, dx_ref)
-            r["grads_equal"] = grads.keys() == grads_ref.keys() and all(
-                torch.equal(g, grads_ref[n]) for n, g in grads.items()
-            )
-            r["grads_nonzero"] = sum(bool(g.abs().sum() > 0) for g in grads.values())
-            report[f"{kind}{'-compiled' if compiled else ''}"] = r
-    Path(out_dir, f"rank{world.rank}.json").write_text(json.dumps(report, indent=1))
 
 
 def check_worker_report(ranks: list[dict], shards: int) -> None:
