@@ -81,7 +81,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     _quiet_libraries()
     world = init_distributed(cfg.parallel.timeout_s)
     write_demo_data(cfg, world)
-    variant, samples = check_inputs(cfg)
+    variant, samples = check_inputs(cfg, training=False)
     seed_everything(cfg.train.seed)
     device = device_for(world)
     result = prepare(cfg, samples, variant.is_i2v, make_encoder_factory(cfg, device, variant), world,

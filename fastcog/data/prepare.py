@@ -259,7 +259,9 @@ def prepare(
     notes = [n for n in notes if n["index"] not in failed]
     result = PrepareResult(items=items, encoded=encoded, reused=len(items) - encoded, failures=failures,
                            seconds=time.perf_counter() - t0, notes=notes, data_root=Path(cfg.data.data_root))
-    if world.is_main:
+    # A complete cache in a read-only place (a shared dataset) is read as it is: its reports
+    # describe what it holds, and nothing was added to it.
+    if world.is_main and (encoded or not cache_dir.is_dir() or os.access(cache_dir, os.W_OK)):
         _write_reports(cache_dir, planned, failed, failures, notes)
     barrier()
     total = len(samples)

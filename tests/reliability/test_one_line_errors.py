@@ -232,3 +232,20 @@ def test_tensorboard_after_resume_shows_each_step_once(tmp_path) -> None:
     acc.Reload()
     shown = [(event.step, event.value) for event in acc.Scalars("train/loss")]
     assert shown == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 14.0), (5, 15.0), (6, 16.0)]
+
+
+def test_a_complete_cache_in_a_read_only_folder_trains(tmp_path, read_only, tiny_checkpoint, clips) -> None:
+    """A shared, already encoded dataset: training only reads the cache and leaves its reports alone."""
+    from fastcog.cli import main
+    from fastcog.config import save_config
+    from tests.runs import make_cfg
+
+    cache = tmp_path / "cache"
+    cfg = make_cfg(tiny_checkpoint("cogvideox-5b"), clips, tmp_path / "out", data={"cache_dir": str(cache)},
+                   train={"train_steps": 1})
+    save_config(cfg, tmp_path / "run.yaml")
+    assert main(["prepare", str(tmp_path / "run.yaml")]) == 0
+    reports = {name: (cache / name).stat() for name in ("manifest.json", "failures.jsonl", "notes.jsonl")}
+    read_only(cache)
+    assert main(["train", str(tmp_path / "run.yaml")]) == 0
+    assert {name: (cache / name).stat() for name in reports} == reports  # not rewritten
