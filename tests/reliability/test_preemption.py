@@ -1,5 +1,6 @@
 """Stopping on a signal loses nothing: the step in progress finishes, a checkpoint of it is
-written, the CLI exits with EXIT_PREEMPTED, and resuming continues exactly (fastcog.stop).
+written, the CLI exits with EXIT_PREEMPTED, and resuming continues exactly (fastcog.stop). The
+2-rank case is in test_two_ranks.py.
 
 The signal is real (os.kill of this process) and is sent while the chosen step runs: the test
 wraps fastcog.trainer.train_step, the one call per optimizer step, and the run goes through
@@ -8,7 +9,6 @@ wraps fastcog.trainer.train_step, the one call per optimizer step, and the run g
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -124,24 +124,3 @@ def test_the_same_signal_delivered_twice_at_once_is_one_request():
     assert done.stdout == "first: flagged\nstill running, stop requested by SIGTERM\n"
     assert done.stderr.count("SIGTERM received") == 1
 
-
-def test_two_ranks_stop_together_when_one_is_signalled(torchrun_data, tmp_path):
-    """torchrun, 2 ranks (gloo): SIGTERM reaches rank 1 only, during step 3. Both ranks stop after step 3
-    (the flag is all-reduced at the step boundary, so rank 0 never waits in a collective), checkpoint-3
-    is written, and the resumed run's losses equal an uninterrupted 2-rank run's, bit for bit."""
-    from tests.torchrun import Call, launch_many, metrics, raw_config, write_config
-
-    sections = {"train": {"train_steps": STEPS}, "checkpoint": {"every_steps": 4, "resume_from": "latest"}}
-    full = raw_config(torchrun_data, tmp_path / "full", ranks=2, **sections)
-    resumed = raw_config(torchrun_data, tmp_path / "resumed", ranks=2, **sections)
-    cfg = write_config(resumed, "interrupted")
-    outcomes = launch_many({"full": full, "interrupted": Call("tests.reliability.preempt_worker:interrupted",
-                                                               [str(cfg), "1", "3"]),
-                            "resumed": resumed}, tmp_path / "launch", nproc=2, cpu_only=True)
-    assert all(o.status == 0 for o in outcomes.values()), {n: o.stderr[-2000:] for n, o in outcomes.items()}
-    stops = [json.loads((tmp_path / f"outcome-rank{r}.json").read_text()) for r in (0, 1)]
-    assert stops[0]["preempted"] and stops[1]["preempted"]
-    assert stops[0]["message"].startswith("stopped on a signal to another rank after step 3: checkpoint-3")
-    assert stops[1]["message"].startswith("stopped on SIGTERM after step 3: checkpoint-3")
-    assert [s for s, _ in list_checkpoints(tmp_path / "resumed")] == [3, 4, STEPS]
-    assert [r["loss"] for r in metrics(tmp_path / "resumed")] == [r["loss"] for r in metrics(tmp_path / "full")]

@@ -1,5 +1,6 @@
-"""The torchrun side of test_preemption's 2-rank case (a tests.torchrun `Call`, run on every rank):
-train a config while one rank alone receives SIGTERM during a chosen step."""
+"""The torchrun side of tests/reliability's 2-rank cases (tests.torchrun `Call`s, run on every rank):
+a run where one rank alone receives SIGTERM during a chosen step, and a run that records which
+samples each rank trained."""
 
 from __future__ import annotations
 
@@ -35,3 +36,27 @@ def interrupted(config_path: str, signal_rank: str, step: str) -> None:
     finally:
         fastcog.trainer.train_step = real
     (Path(config_path).parent / f"outcome-rank{rank}.json").write_text(json.dumps(outcome))
+
+
+def record_samples(config_path: str) -> None:
+    """Train `config_path`, writing the batches of dataset indices this rank trained, in order, to
+    samples-rank<r>.json (the sampler's output: what the DataLoader reads)."""
+    from fastcog.config import load_config
+    from fastcog.data.buckets import BucketBatchSampler
+    from fastcog.parallel import current_world
+    from fastcog.trainer import train
+
+    batches, real = [], BucketBatchSampler.__iter__
+
+    def iterate(self):
+        for batch in real(self):
+            batches.append([int(i) for i in batch])
+            yield batch
+
+    BucketBatchSampler.__iter__ = iterate
+    try:
+        train(load_config(config_path))
+    finally:
+        BucketBatchSampler.__iter__ = real
+    rank = current_world().rank
+    (Path(config_path).parent / f"samples-rank{rank}.json").write_text(json.dumps(batches))
