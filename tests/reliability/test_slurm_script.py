@@ -8,10 +8,13 @@ test waits for exactly that), and runs until it receives TERM, which it answers 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 from pathlib import Path
+
+import pytest
 
 SCRIPT = Path(__file__).resolve().parents[2] / "docs" / "slurm_train.sh"
 
@@ -32,6 +35,16 @@ kill -TERM "$(cat "$FAKE/srun.pid")"
 if [ "$1" = show ]; then echo node1; else echo "$@" >> "$FAKE/scontrol.calls"; fi
 """,
 }
+
+
+@pytest.fixture(autouse=True)
+def no_stand_in_left(tmp_path):
+    """A failing case may leave the stand-in srun running: end it."""
+    yield
+    pid = tmp_path / "srun.pid"
+    if pid.is_file():
+        with contextlib.suppress(ProcessLookupError, ValueError):
+            os.kill(int(pid.read_text()), signal.SIGKILL)
 
 
 def start(tmp_path: Path, **env: str) -> subprocess.Popen:
