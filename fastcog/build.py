@@ -30,7 +30,7 @@ import torch
 from fastcog.config import Config
 from fastcog.fast import check_fast_path, uses_fastcog_blocks
 from fastcog.lora import inject_lora
-from fastcog.models import TORCH_DTYPES, load_components
+from fastcog.models import load_components
 from fastcog.parallel import SINGLE_PROCESS, Parallel, World, mixed_precision_dtype, parallelize
 
 
@@ -153,19 +153,20 @@ def apply_checkpointing_policy(transformer: torch.nn.Module, cfg: Config, device
             transformer.enable_gradient_checkpointing()
         return policy
     if policy == "auto":
-        estimate = ac.estimate_block_activations(transformer, cfg.train.batch_size, tokens_per_sample,
-                                                 TORCH_DTYPES[cfg.model.dtype], device)
-        trainable = [p for p in transformer.parameters() if p.requires_grad]
+        from fastcog.plan import memory_plan
+
+        plan = memory_plan(transformer, cfg, tokens_per_sample, shards, device)
         margin = int(cfg.fast.memory_margin_gb * 2**30)
-        free, where = ac.device_memory_budget(device, margin)
-        # The weights are on the device whole now; after fully_shard this rank keeps 1/shards.
+        total, in_use, where = ac.device_memory(device)
+        # What is allocated besides this model (the VAE of I2V, ...) stays; the model's own
+        # weights are on the device whole now, and the plan counts this rank's share of them.
         weights = sum(t.nbytes for t in [*transformer.parameters(), *transformer.buffers()] if t.device == device)
-        budget = free + weights * (shards - 1) // shards - ac.optimizer_bytes(trainable, cfg.optim.name) // shards
-        policy = ac.choose_policy(estimate, budget)
+        capacity = total - margin - (in_use - weights)
+        policy = plan.choose_policy(capacity)
         report.lines.append(
-            f"activation checkpointing: auto chose {policy}; estimated peak activations "
-            + ", ".join(f"{p} {_size(estimate.peak(p))}" for p in ac.POLICIES)
-            + f"; budget {_size(budget)} ({where}, margin {cfg.fast.memory_margin_gb} GiB, "
+            f"activation checkpointing: auto chose {policy}; estimated peak "
+            + ", ".join(f"{p} {_size(plan.peak(p))}" for p in ac.POLICIES)
+            + f"; capacity {_size(capacity)} ({where}, margin {cfg.fast.memory_margin_gb} GiB, "
             f"{tokens_per_sample} tokens x batch {cfg.train.batch_size}, weights over {shards} shard(s))"
         )
     else:

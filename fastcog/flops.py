@@ -21,31 +21,18 @@ import torch
 
 from fastcog.checkpoint import TrainState
 from fastcog.config import Config
+from fastcog.gpus import gpu_by_device_name
 from fastcog.metrics import peak_memory_gb
 from fastcog.parallel import World
 from fastcog.variants import VariantSpec
 
-# Dense bf16 tensor-core peak, FLOP/s, by a substring of torch.cuda.get_device_name().
-PEAK_BF16_FLOPS = {
-    "H200": 989e12,
-    "H100": 989e12,  # SXM; the PCIe part is lower (756e12), matched below first
-    "A100": 312e12,
-    "L40S": 362e12,
-    "A10G": 70e12,
-    "RTX 4090": 165e12,
-}
-_PCIE_OVERRIDES = {"H100 PCIe": 756e12}
-
 
 def peak_flops(device: torch.device) -> float | None:
-    """Peak dense bf16 FLOP/s of the device, or None (CPU, unknown GPU)."""
+    """Peak dense bf16 FLOP/s of the device (fastcog.gpus), or None (CPU, unknown GPU)."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    for key, value in {**_PCIE_OVERRIDES, **PEAK_BF16_FLOPS}.items():
-        if key in name:
-            return value
-    return None
+    spec = gpu_by_device_name(torch.cuda.get_device_name(device))
+    return None if spec is None else spec.bf16_flops
 
 
 def transformer_flops_per_sample(

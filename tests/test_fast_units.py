@@ -146,7 +146,7 @@ def test_auto_logs_its_choice_and_estimate(model_path):
     _, tight = patched_model(model_path, {"attention": "sdpa", "memory_margin_gb": 1e6}, "auto")
     assert tight.activation_checkpointing == "full"
     line = next(x for x in tight.lines if x.startswith("activation checkpointing"))
-    assert "auto chose full" in line and "budget" in line and f"{TOKENS} tokens" in line
+    assert "auto chose full" in line and "capacity" in line and f"{TOKENS} tokens" in line
 
 
 def test_patches_keep_parameter_names(model_path):

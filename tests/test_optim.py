@@ -4,6 +4,7 @@ trains the tiny demo model; optional packages and cpu_offload fail with messages
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import sys
 from pathlib import Path
@@ -16,10 +17,10 @@ import fastcog.trainer
 from fastcog.config import OPTIMIZERS, Config, OptimConfig, config_from_dict, validate
 from fastcog.data.synthetic import make_synthetic_dataset
 from fastcog.errors import ConfigError
-from fastcog.fast.checkpointing import optimizer_bytes
 from fastcog.optim import build_optimizer, check_optimizer_available, optimizer_state_bytes
 from fastcog.optimizers import OPTIMIZER_SPECS
 from fastcog.parallel import check_optimizer
+from fastcog.plan import optimizer_bytes
 from fastcog.trainer import train
 
 LOW_BIT = ("adamw8bit_bnb", "adamw8bit", "adamw4bit", "adamw_fp8")
@@ -109,7 +110,7 @@ REGISTRY_SHAPE = (512, 512)
 
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_registry_state_bytes_are_what_the_optimizer_keeps(name: str) -> None:
-    """fastcog.optimizers' bytes per value (which fastcog.fast.checkpointing.optimizer_bytes uses for
+    """fastcog.optimizers' bytes per value (which fastcog.plan.optimizer_bytes uses for `fastcog plan` and
     train.activation_checkpointing=auto) against the state the real optimizer holds after one step."""
     params = [torch.nn.Parameter(0.1 * torch.randn(REGISTRY_SHAPE, generator=torch.Generator().manual_seed(0)))]
     optimizer, scheduler = build_optimizer(make_cfg(name), params, total_steps=2)
@@ -117,15 +118,15 @@ def test_registry_state_bytes_are_what_the_optimizer_keeps(name: str) -> None:
     values = params[0].numel()
     measured = optimizer_state_bytes(optimizer) / values
     assert OPTIMIZER_SPECS[name].state_bytes == pytest.approx(measured, rel=0.01)
-    # optimizer_bytes adds the fp32 gradient
-    assert optimizer_bytes(params, name) / values == pytest.approx(4 + measured, rel=0.01)
+    assert optimizer_bytes(values, make_cfg(name).optim) / values == pytest.approx(measured, rel=0.01)
 
 
 def test_optimizer_bytes_counts_prodigys_copy_of_the_weights() -> None:
-    """Prodigy keeps its two moments, s and the initial weights: 16 bytes per value, plus the gradient."""
-    params = [torch.nn.Parameter(torch.ones(1000)), torch.nn.Parameter(torch.ones(24))]
-    assert optimizer_bytes(params, "prodigy") == 1024 * (4 + 16)
-    assert optimizer_bytes(params, "adamw") == 1024 * (4 + 8)
+    """Prodigy keeps its two moments, s and the initial weights: 16 bytes per value; CPU offload keeps none on
+    the device."""
+    assert optimizer_bytes(1024, make_cfg("prodigy").optim) == 1024 * 16
+    assert optimizer_bytes(1024, make_cfg("adamw").optim) == 1024 * 8
+    assert optimizer_bytes(1024, dataclasses.replace(make_cfg("adamw").optim, cpu_offload=True)) == 0
 
 
 def test_config_reaches_the_optimizer() -> None:

@@ -11,8 +11,9 @@ H heads; bytes in the compute dtype):
   log-sum-exp [B, H, S] (fp32): in backward the linears and pointwise ops are recomputed
   but attention, the most expensive op (about 60% of the FLOPs, docs/design.md), is not.
 * `auto`: the fastest policy (none, then selective, then full) whose estimated peak fits in
-  the device's memory minus what is already allocated, the optimizer's and gradients'
-  expected bytes, and `fast.memory_margin_gb`.
+  the device's memory minus `fast.memory_margin_gb` and what else is allocated there; the
+  peak is fastcog.plan's (weights, gradients, optimizer state and these activations), the
+  same estimate `fastcog plan` prints.
 
 The wrapper replaces each block's `forward` (an instance attribute bound to one shared
 function), so parameter names are unchanged and torch.compile sees the same code for every
@@ -30,7 +31,6 @@ import torch
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from fastcog.fast.attention import ATTENTION_OPS
-from fastcog.optimizers import OPTIMIZER_SPECS
 
 POLICIES = ("none", "selective", "full")  # fastest first
 
@@ -153,8 +153,8 @@ def estimate_block_activations(transformer: torch.nn.Module, batch: int, tokens:
                               blocks=len(transformer.transformer_blocks))
 
 
-def device_memory_budget(device: torch.device, margin_bytes: int) -> tuple[int, str]:
-    """Bytes free for activations now (total minus allocated minus margin), and a description."""
+def device_memory(device: torch.device) -> tuple[int, int, str]:
+    """(total bytes, bytes in use now, a description) of the device's memory."""
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
         used = torch.cuda.memory_allocated(device)
@@ -164,7 +164,7 @@ def device_memory_budget(device: torch.device, margin_bytes: int) -> tuple[int, 
         with open("/proc/self/statm") as f:
             used = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
         where = "host memory"
-    return total - used - margin_bytes, f"{where}: {total / 2**30:.1f} GiB total, {used / 2**30:.1f} GiB in use"
+    return total, used, f"{where}: {total / 2**30:.1f} GiB total, {used / 2**30:.1f} GiB in use"
 
 
 def choose_policy(estimate: ActivationEstimate, budget_bytes: int) -> str:
@@ -173,10 +173,3 @@ def choose_policy(estimate: ActivationEstimate, budget_bytes: int) -> str:
         if estimate.peak(policy) <= budget_bytes:
             return policy
     return "full"
-
-
-def optimizer_bytes(params: list[torch.nn.Parameter], optimizer_name: str) -> int:
-    """Expected gradient + optimizer-state bytes of the trainable params: fp32 gradients and the
-    state bytes per value of fastcog.optimizers (measured, bench/optimizer_state.py)."""
-    n = sum(p.numel() for p in params)
-    return round(n * (4 + OPTIMIZER_SPECS[optimizer_name].state_bytes))
