@@ -30,7 +30,7 @@ import torch
 from fastcog.config import Config
 from fastcog.fast import check_fast_path, uses_fastcog_blocks
 from fastcog.lora import inject_lora
-from fastcog.models import load_components
+from fastcog.models import TORCH_DTYPES, load_components
 from fastcog.parallel import SINGLE_PROCESS, Parallel, World, mixed_precision_dtype, parallelize
 
 
@@ -79,14 +79,33 @@ def build_training_model(cfg: Config, device: torch.device, *, tokens_per_sample
 def load_transformer(cfg: Config, device: torch.device) -> torch.nn.Module:
     """Frozen weights in the compute dtype (SFT: fp32 master weights, all trainable), LoRA
     adapters in fp32, on `device`, in train mode."""
-    sft = cfg.model.training_type == "sft"
-    dtype = "fp32" if sft else cfg.model.dtype
+    dtype = "fp32" if cfg.model.training_type == "sft" else cfg.model.dtype
     transformer = load_components(cfg.model.path, dtype, parts=("transformer",)).transformer
-    if sft:
-        transformer.requires_grad_(True)
-    else:
-        inject_lora(transformer, cfg.lora)
-    return transformer.to(device).train()
+    return make_trainable(transformer, cfg).to(device).train()
+
+
+def make_trainable(transformer: torch.nn.Module, cfg: Config) -> torch.nn.Module:
+    """SFT: every weight trains (fp32); LoRA: the adapters (fp32) on the frozen weights. Also used by
+    `fastcog plan` on a transformer with no weights (meta device), cast to the dtype loading gives."""
+    if cfg.model.training_type == "sft":
+        return transformer.to(torch.float32).requires_grad_(True)
+    transformer.to(TORCH_DTYPES[cfg.model.dtype])
+    inject_lora(transformer, cfg.lora)
+    return transformer
+
+
+def convert_fp8(transformer: torch.nn.Module, cfg: Config) -> tuple[list[str], str | None]:
+    """Step 1 (fast.fp8 / fast.fp8_weight_storage): the converted linears and a log line."""
+    f = cfg.fast
+    if f.fp8 == "none" and not f.fp8_weight_storage:
+        return [], None
+    from fastcog.fast import fp8
+
+    if f.fp8 != "none":
+        names = fp8.convert_linears_to_fp8(transformer, f.fp8, f.fp8_min_features)
+        return names, f"fp8: {len(names)} frozen linears use {f.fp8} FP8 matmuls"
+    names = fp8.convert_linears_to_fp8_storage(transformer, f.fp8_min_features)
+    return names, f"fp8: {len(names)} frozen linears store FP8 weights"
 
 
 def parallelize_model(transformer: torch.nn.Module, cfg: Config, device: torch.device, *, tokens_per_sample: int,
@@ -96,15 +115,9 @@ def parallelize_model(transformer: torch.nn.Module, cfg: Config, device: torch.d
     check_fast_path(cfg, device)
     shards = world.world_size // cfg.parallel.replicate_degree if strategy == "fsdp" else 1
 
-    if f.fp8 != "none" or f.fp8_weight_storage:  # 1
-        from fastcog.fast import fp8
-
-        if f.fp8 != "none":
-            report.fp8_linears = fp8.convert_linears_to_fp8(transformer, f.fp8, f.fp8_min_features)
-            report.lines.append(f"fp8: {len(report.fp8_linears)} frozen linears use {f.fp8} FP8 matmuls")
-        else:
-            report.fp8_linears = fp8.convert_linears_to_fp8_storage(transformer, f.fp8_min_features)
-            report.lines.append(f"fp8: {len(report.fp8_linears)} frozen linears store FP8 weights")
+    report.fp8_linears, line = convert_fp8(transformer, cfg)  # 1
+    if line:
+        report.lines.append(line)
 
     if f.lora_kernel:  # 2
         from fastcog.fast.lora import use_fused_lora

@@ -102,6 +102,26 @@ def _cmd_make_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    import json
+
+    from fastcog.config import load_config
+    from fastcog.gpus import gpu_by_key
+    from fastcog.plan_report import as_json, lines, make_plan, remedies
+
+    cfg = load_config(args.config, args.set or ())
+    _quiet_libraries()
+    gpu = gpu_by_key(args.gpu)
+    strategies = ("fsdp", "ddp") if args.nproc > 1 else ("none",)
+    plans = [make_plan(cfg, gpu, args.nproc, strategy, args.variant) for strategy in strategies]
+    fixes = [[] if p.fits else remedies(cfg, p) for p in plans]
+    if args.json:
+        print(json.dumps([as_json(cfg, p, f) for p, f in zip(plans, fixes)], indent=1))
+    else:
+        print("\n\n".join("\n".join(lines(cfg, p, f)) for p, f in zip(plans, fixes)))
+    return 0
+
+
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="path to a YAML config (see configs/)")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
@@ -109,6 +129,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from fastcog.gpus import GPU_KEYS
     from fastcog.variants import VARIANTS
 
     parser = argparse.ArgumentParser(prog="fastcog", description="Fast CogVideoX fine-tuning.")
@@ -119,6 +140,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare", help="encode the dataset into the latent/embedding cache (torchrun-aware)")
     _add_config_args(p)
     p.set_defaults(func=_cmd_prepare)
+    p = sub.add_parser("plan", help="memory, FLOPs and step time of a config on a GPU, worked out without one")
+    _add_config_args(p)
+    p.add_argument("--gpu", default="h100-80gb", choices=GPU_KEYS, help="the GPU to plan for (default h100-80gb)")
+    p.add_argument("--nproc", type=int, default=1, help="GPUs per run: per-rank figures for FSDP2 and DDP")
+    p.add_argument("--json", action="store_true", help="print the figures as JSON (bytes as integers)")
+    p.add_argument("--variant", choices=VARIANTS, help="plan with this released checkpoint's architecture when "
+                   "model.path has no transformer/config.json (not downloaded yet)")
+    p.set_defaults(func=_cmd_plan)
     p = sub.add_parser("make-tiny", help="write a tiny random diffusers checkpoint of a variant")
     p.add_argument("variant", choices=VARIANTS)
     p.add_argument("out_dir")

@@ -35,14 +35,17 @@ def peak_flops(device: torch.device) -> float | None:
     return None if spec is None else spec.bf16_flops
 
 
-def transformer_flops_per_sample(
-    transformer_config: Any,
-    video_tokens: int,
-    lora_rank: int | None,
-    lora_targets: tuple[str, ...] = (),
-    full_finetune: bool = False,
-) -> float:
-    """Model FLOPs of one forward + backward for one sample (see the module docstring)."""
+@dataclass(frozen=True)
+class ForwardFlops:
+    """One sample's forward FLOPs by part (see the module docstring)."""
+
+    linear: float
+    attention: float
+    lora: float
+
+
+def forward_flops(transformer_config: Any, video_tokens: int, lora_rank: int | None,
+                  lora_targets: tuple[str, ...] = ()) -> ForwardFlops:
     cfg = dict(transformer_config)
     heads, head_dim = cfg["num_attention_heads"], cfg["attention_head_dim"]
     layers = cfg["num_layers"]
@@ -52,17 +55,36 @@ def transformer_flops_per_sample(
     linear_shapes = {"to_q": (dim, dim), "to_k": (dim, dim), "to_v": (dim, dim), "to_out.0": (dim, dim),
                      "ff.net.0.proj": (dim, ff_inner), "ff.net.2": (ff_inner, dim)}
     p_lin = layers * sum(i * o for i, o in linear_shapes.values())
-    linear = 2 * n * p_lin * (3 if full_finetune else 2)
-    attn_fwd = 4 * n * n * dim * layers
-    attention = attn_fwd * 3.5
     lora = 0.0
     if lora_rank:
         for target in lora_targets:
             shape = linear_shapes.get(target)
             if shape is not None:
-                lora += 3 * 2 * n * lora_rank * (shape[0] + shape[1]) * layers
-    return float(linear + attention + lora)
+                lora += 2 * n * lora_rank * (shape[0] + shape[1]) * layers
+    return ForwardFlops(linear=2 * n * p_lin, attention=4 * n * n * dim * layers, lora=lora)
 
+
+def transformer_flops_per_sample(
+    transformer_config: Any,
+    video_tokens: int,
+    lora_rank: int | None,
+    lora_targets: tuple[str, ...] = (),
+    full_finetune: bool = False,
+) -> float:
+    """Model FLOPs of one forward + backward for one sample (see the module docstring)."""
+    f = forward_flops(transformer_config, video_tokens, lora_rank, lora_targets)
+    return float(f.linear * (3 if full_finetune else 2) + f.attention * 3.5 + f.lora * 3)
+
+
+def executed_flops_per_sample(transformer_config: Any, video_tokens: int, lora_rank: int | None,
+                              lora_targets: tuple[str, ...] = (), full_finetune: bool = False,
+                              policy: str = "none") -> float:
+    """Model FLOPs plus what activation checkpointing recomputes in backward: the whole forward
+    (`full`), or the forward but attention (`selective`)."""
+    f = forward_flops(transformer_config, video_tokens, lora_rank, lora_targets)
+    recompute = {"none": 0.0, "selective": f.linear + f.lora, "full": f.linear + f.attention + f.lora}[policy]
+    return transformer_flops_per_sample(transformer_config, video_tokens, lora_rank, lora_targets,
+                                        full_finetune) + recompute
 
 
 def video_tokens(latent_shape: torch.Size, variant: VariantSpec) -> int:

@@ -36,6 +36,7 @@ class MemoryPlan:
     """Bytes on one device (one rank), by kind."""
 
     frozen_params: int
+    """Frozen values, FP8 weights (buffers) and their scales included."""
     trainable_params: int
     frozen_bytes: int
     trainable_bytes: int
@@ -90,7 +91,7 @@ def memory_plan(transformer: torch.nn.Module, cfg: Config, tokens_per_sample: in
         activations = ac.estimate_block_activations(transformer, cfg.train.batch_size, tokens_per_sample,
                                                     _compute_dtype(cfg), device)
     return MemoryPlan(
-        frozen_params=sum(t.numel() for t in frozen if isinstance(t, torch.nn.Parameter)),
+        frozen_params=sum(t.numel() for t in frozen),
         trainable_params=n_trainable,
         frozen_bytes=sum(t.numel() * t.element_size() for t in frozen) // shards,
         trainable_bytes=sum(p.numel() * p.element_size() for p in trainable) // shards,

@@ -71,6 +71,8 @@ the SQNR at the 5B shapes when a GPU is present).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -128,7 +130,7 @@ def _scaled_matmul(
     # mantissa), which scaled every tensorwise output by a wrong factor (up to 0.4%; rowwise scales
     # are powers of two, exact in bf16). Compiled code did not cast, so eager and compiled differed
     # (max 0.0625 on a 64x64 layer); tests/test_fp8.py checks eager == compiled == no autocast.
-    with torch.autocast(a.device.type, enabled=False):
+    with _autocast_off(a.device.type):
         out = torch._scaled_mm(
             aq,
             b.t(),  # column-major view, as _scaled_mm requires
@@ -211,8 +213,19 @@ fp8_storage_linear.register_autograd(_storage_backward, setup_context=_storage_s
 # --------------------------------------------------------------------------- modules
 
 
+def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _autocast_on(device_type: str) -> bool:
+    # The meta device (`fastcog plan`) has no autocast state to ask.
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
 def _compute_dtype(x: torch.Tensor, default: torch.dtype) -> torch.dtype:
-    if torch.is_autocast_enabled(x.device.type):
+    if _autocast_on(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
     return x.dtype if x.dtype in _HALF else default
 
@@ -244,7 +257,7 @@ class _FrozenFp8Base(nn.Module):
     def _finish(self, y: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         if self.bias is not None:
             y = y + self.bias.to(dtype)
-        return y if torch.is_autocast_enabled(x.device.type) else y.to(x.dtype)
+        return y if _autocast_on(x.device.type) else y.to(x.dtype)
 
     def weights_as_parameters(self) -> None:
         """Re-register the FP8 weights as frozen Parameters (the same tensors, not copied), for FSDP2.

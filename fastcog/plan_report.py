@@ -1,0 +1,203 @@
+"""`fastcog plan`: what a config needs on a GPU, worked out on any machine, with no weights.
+
+The transformer is built from `model.path`'s transformer/config.json on the meta device and made
+trainable as `fastcog train` makes it (fastcog.build.make_trainable: adapters, SFT, FP8); then
+fastcog.plan estimates each rank's memory, the same estimate `activation_checkpointing: auto`
+uses. FLOPs come from fastcog.flops, rates from fastcog.gpus' datasheet table: a step time
+derived from them is a lower bound at peak rate, labelled as an estimate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fastcog import plan as planning
+from fastcog.config import Config
+from fastcog.errors import ConfigError
+from fastcog.fast import checkpointing as ac
+from fastcog.gpus import GpuSpec
+from fastcog.plan import MemoryPlan
+
+# Switches that lower the peak, tried one at a time on a config that does not fit.
+REMEDIES: tuple[tuple[str, str, Any], ...] = (
+    ("train", "activation_checkpointing", "full"),
+    ("optim", "name", "adamw8bit"),
+    ("optim", "cpu_offload", True),
+    ("fast", "fp8_weight_storage", True),
+)
+
+
+@dataclass(frozen=True)
+class Plan:
+    gpu: GpuSpec
+    nproc: int
+    strategy: str
+    tokens_per_sample: int
+    memory: MemoryPlan
+    capacity_bytes: int
+    policy: str
+    """What `train.activation_checkpointing` is, or what `auto` picks."""
+    model_flops_per_step: float
+    executed_flops_per_step: float
+    """With the chosen policy's recompute, per rank."""
+    variant: str
+    comm_bytes_per_step: int
+    """Bytes each rank receives in collectives per optimizer step (ring algorithms; 0 on one GPU)."""
+
+    @property
+    def fits(self) -> bool:
+        return self.memory.peak(self.policy) <= self.capacity_bytes
+
+    @property
+    def step_time_lower_bound_s(self) -> float:
+        return self.executed_flops_per_step / self.gpu.bf16_flops
+
+
+def largest_bucket_tokens(cfg: Config, variant: Any) -> int:
+    """Video tokens of one sample of the largest bucket (as the trainer sizes `auto`)."""
+    from fastcog.flops import video_tokens
+    from fastcog.variants import VAE_SPATIAL_FACTOR
+
+    buckets = [tuple(b) for b in cfg.data.buckets] or [(cfg.data.num_frames, cfg.data.height, cfg.data.width)]
+    t = variant.temporal_compression_ratio
+    return max(video_tokens(torch.Size([0, (f - 1) // t + 1, h // VAE_SPATIAL_FACTOR, w // VAE_SPATIAL_FACTOR]),
+                            variant) for f, h, w in buckets)
+
+
+def architecture(cfg: Config, variant_name: str | None) -> tuple[torch.nn.Module, Any]:
+    """The transformer on the meta device and its variant: from model.path's transformer/config.json
+    when it exists, else from the released checkpoint's config (fastcog.variants), so a run can be
+    planned before the weights are downloaded."""
+    from diffusers import CogVideoXTransformer3DModel
+
+    from fastcog.models import meta_transformer, read_variant
+    from fastcog.variants import FULL_TRANSFORMER_CONFIGS, detect_variant
+
+    if (Path(cfg.model.path) / "transformer" / "config.json").is_file():
+        return meta_transformer(cfg.model.path), read_variant(cfg.model.path)
+    name = variant_name or (cfg.model.variant if cfg.model.variant != "auto" else None)
+    if name is None:
+        raise ConfigError(f"model.path={cfg.model.path!r} has no transformer/config.json: pass --variant (one of "
+                          f"{', '.join(FULL_TRANSFORMER_CONFIGS)}) to plan with the released checkpoint's architecture")
+    with torch.device("meta"):
+        transformer = CogVideoXTransformer3DModel(**FULL_TRANSFORMER_CONFIGS[name])
+    return transformer, detect_variant(dict(transformer.config))
+
+
+def make_plan(cfg: Config, gpu: GpuSpec, nproc: int = 1, strategy: str = "fsdp", variant_name: str | None = None
+              ) -> Plan:
+    """The plan of `cfg` on `nproc` GPUs of kind `gpu` (strategy fsdp or ddp when nproc > 1)."""
+    from fastcog.build import convert_fp8, make_trainable
+    from fastcog.flops import executed_flops_per_sample, transformer_flops_per_sample
+
+    transformer, variant = architecture(cfg, variant_name)
+    transformer = make_trainable(transformer, cfg)
+    convert_fp8(transformer, cfg)
+    tokens = largest_bucket_tokens(cfg, variant)
+    shards = nproc // cfg.parallel.replicate_degree if nproc > 1 and strategy == "fsdp" else 1
+    memory = planning.memory_plan(transformer, cfg, tokens, shards, torch.device("meta"), for_gpu=True)
+    capacity = gpu.memory_bytes - int(cfg.fast.memory_margin_gb * 2**30)
+    policy = cfg.train.activation_checkpointing
+    if policy == "auto":
+        policy = memory.choose_policy(capacity)
+    lora = cfg.model.training_type == "lora"
+    flops_args = (transformer.config, tokens, cfg.lora.rank if lora else None, cfg.lora.target_modules if lora else (),
+                  not lora)
+    samples = cfg.train.batch_size * cfg.train.gradient_accumulation_steps
+    comm = communication_bytes(memory, nproc, strategy, cfg.train.gradient_accumulation_steps,
+                               cfg.parallel.reshard_after_forward)
+    return Plan(gpu, nproc, strategy if nproc > 1 else "none", tokens, memory, capacity, policy,
+                transformer_flops_per_sample(*flops_args) * samples * nproc,
+                executed_flops_per_sample(*flops_args, policy=policy) * samples, variant.name, comm)
+
+
+def communication_bytes(m: MemoryPlan, nproc: int, strategy: str, accumulation: int, reshard: bool) -> int:
+    """Per rank and step. FSDP2: every weight all-gathered for each micro-batch's forward and, when
+    resharded after it, again for its backward; the fp32 gradients reduce-scattered once (the last
+    micro-batch). DDP: the gradients all-reduced once (reduce-scatter + all-gather)."""
+    if nproc < 2:
+        return 0
+    part = (nproc - 1) / nproc
+    weights = (m.frozen_bytes + m.trainable_bytes) * m.shards
+    grads = m.gradient_bytes * m.shards
+    if strategy == "fsdp":
+        return round(weights * part * accumulation * (2 if reshard else 1) + grads * part)
+    return round(2 * grads * part)
+
+
+def remedies(cfg: Config, plan: Plan) -> list[tuple[str, int]]:
+    """For a config that does not fit: each switch of REMEDIES not already set, and the bytes it saves."""
+    out = []
+    for section, key, value in REMEDIES:
+        if getattr(getattr(cfg, section), key) == value:
+            continue
+        changed = dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **{key: value})})
+        other = make_plan(changed, plan.gpu, plan.nproc, plan.strategy, plan.variant)
+        saving = plan.memory.peak(plan.policy) - other.memory.peak(other.policy)
+        if saving > 0:
+            out.append((f"{section}.{key}={value}", saving))
+    return sorted(out, key=lambda item: -item[1])
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:7.2f} GB"
+
+
+def lines(cfg: Config, plan: Plan, fixes: list[tuple[str, int]]) -> list[str]:
+    m, g = plan.memory, plan.gpu
+    where = f"{plan.nproc} x {g.key}" + (f" ({plan.strategy}, {m.shards} shard(s))" if plan.nproc > 1 else "")
+    out = [
+        f"fastcog plan: {plan.variant} ({cfg.model.path}) on {where}, {plan.tokens_per_sample} video tokens x batch "
+        f"{cfg.train.batch_size} (largest bucket)",
+        f"  parameters     {m.frozen_params / 1e9:.3f} B frozen values, {m.trainable_params / 1e6:.1f} M trainable",
+        "  per GPU",
+        f"    frozen weights   {_gb(m.frozen_bytes)}   (as stored: {cfg.model.dtype}, FP8 where converted)",
+        f"    trainable        {_gb(m.trainable_bytes)}   (fp32)",
+        f"    gradients        {_gb(m.gradient_bytes)}   (fp32)",
+        f"    optimizer state  {_gb(m.optimizer_bytes)}   ({cfg.optim.name}"
+        + (", offloaded to the CPU" if cfg.optim.cpu_offload else "") + ")",
+    ]
+    for p in ac.POLICIES:
+        mark = " <- " + ("auto picks this" if cfg.train.activation_checkpointing == "auto" else "configured") \
+            if p == plan.policy else ""
+        out.append(f"    activations {p:<9} {_gb(m.activations.peak(p))}   peak {_gb(m.peak(p))}{mark}")
+    verdict = "fits" if plan.fits else "does NOT fit"
+    out.append(f"  {verdict}: peak {_gb(m.peak(plan.policy)).strip()} of {_gb(plan.capacity_bytes).strip()} usable "
+               f"({g.memory_bytes / 1e9:.0f} GB less fast.memory_margin_gb={cfg.fast.memory_margin_gb})")
+    for switch, saving in fixes:
+        out.append(f"    --set {switch}: saves {_gb(saving).strip()}")
+    out += [
+        *([f"  communication  {_gb(plan.comm_bytes_per_step).strip()} received per GPU per step"]
+          if plan.nproc > 1 else []),
+        f"  FLOPs per step  {plan.model_flops_per_step / 1e12:.1f} TFLOP model (all GPUs), "
+        f"{plan.executed_flops_per_step / 1e12:.1f} TFLOP executed per GPU with {plan.policy} recompute",
+        f"  step time       >= {plan.step_time_lower_bound_s:.2f} s per step (an estimate: the executed FLOPs at the "
+        f"{g.key} datasheet bf16 peak, {g.bf16_flops / 1e12:.0f} TFLOP/s; real steps reach a fraction of it)",
+    ]
+    return out
+
+
+def as_json(cfg: Config, plan: Plan, fixes: list[tuple[str, int]]) -> dict[str, Any]:
+    m = plan.memory
+    return {
+        "model_path": cfg.model.path, "variant": plan.variant, "gpu": plan.gpu.key, "nproc": plan.nproc,
+        "strategy": plan.strategy,
+        "shards": m.shards, "tokens_per_sample": plan.tokens_per_sample, "batch_size": cfg.train.batch_size,
+        "frozen_params": m.frozen_params, "trainable_params": m.trainable_params,
+        "bytes": {"frozen_weights": m.frozen_bytes, "trainable_weights": m.trainable_bytes,
+                  "gradients": m.gradient_bytes, "optimizer_state": m.optimizer_bytes,
+                  "activations": {p: m.activations.peak(p) for p in ac.POLICIES},
+                  "peak": {p: m.peak(p) for p in ac.POLICIES}},
+        "capacity_bytes": plan.capacity_bytes, "policy": plan.policy, "fits": plan.fits,
+        "remedies": [{"set": s, "saves_bytes": b} for s, b in fixes],
+        "model_flops_per_step": plan.model_flops_per_step,
+        "executed_flops_per_step_per_gpu": plan.executed_flops_per_step,
+        "step_time_lower_bound_s": plan.step_time_lower_bound_s,
+        "communication_bytes_per_step": plan.comm_bytes_per_step,
+        "estimate": "memory: fake-tensor estimate; time: executed FLOPs at the datasheet bf16 peak (a lower bound)",
+    }

@@ -1,0 +1,129 @@
+"""`fastcog plan` and the estimate it shares with `activation_checkpointing: auto` (fastcog.plan)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import fastcog.plan
+from fastcog.cli import main
+from fastcog.config import save_config
+from tests.runs import make_cfg
+
+
+@pytest.fixture()
+def tiny_config(tiny_checkpoint, clips, tmp_path):
+    def write(**sections) -> str:
+        cfg = make_cfg(tiny_checkpoint("cogvideox-5b"), clips, tmp_path / "out", **sections)
+        save_config(cfg, tmp_path / "run.yaml")
+        return str(tmp_path / "run.yaml")
+
+    return write
+
+
+def plan_json(capsys, *argv: str) -> list[dict]:
+    assert main(["plan", *argv, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_the_planned_weights_are_the_trained_models(tiny_checkpoint, clips, tmp_path, tiny_config, capsys):
+    """Built with no weights (meta), the plan counts exactly the bytes the trainer's model holds."""
+    from fastcog.build import load_transformer
+
+    path = tiny_config(model={"dtype": "bf16"}, lora={"rank": 4, "alpha": 8})
+    [plan] = plan_json(capsys, path, "--gpu", "rtx4090")
+    model = load_transformer(make_cfg(tiny_checkpoint("cogvideox-5b"), clips, tmp_path / "out",
+                                      model={"dtype": "bf16"}, lora={"rank": 4, "alpha": 8}), torch.device("cpu"))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    frozen = [t for t in [*model.parameters(), *model.buffers()] if not t.requires_grad]
+    assert plan["trainable_params"] == sum(p.numel() for p in trainable) > 0
+    assert plan["bytes"]["trainable_weights"] == sum(p.nbytes for p in trainable)
+    assert plan["bytes"]["frozen_weights"] == sum(t.nbytes for t in frozen)
+    assert plan["bytes"]["gradients"] == 4 * plan["trainable_params"]
+    assert plan["bytes"]["optimizer_state"] == 8 * plan["trainable_params"]  # AdamW: two fp32 moments
+    assert all(isinstance(v, int) for v in plan["bytes"]["peak"].values())
+
+
+def test_fsdp_ranks_hold_a_share_and_ddp_ranks_the_whole(tiny_config, capsys):
+    fsdp, ddp = plan_json(capsys, tiny_config(), "--nproc", "2")
+    assert (fsdp["strategy"], ddp["strategy"]) == ("fsdp", "ddp")
+    for kind in ("frozen_weights", "trainable_weights", "gradients", "optimizer_state"):
+        assert fsdp["bytes"][kind] == ddp["bytes"][kind] // 2
+    assert fsdp["communication_bytes_per_step"] > ddp["communication_bytes_per_step"] > 0
+
+
+def test_the_block_estimate_matches_what_autograd_really_saves(tiny_checkpoint, clips, tmp_path):
+    """The fake-tensor estimate against a real forward of block 0 on CPU: the bytes of every distinct
+    storage autograd saves (weights excluded), measured with real tensors."""
+    from fastcog.build import load_transformer
+    from fastcog.fast import checkpointing as ac
+
+    cfg = make_cfg(tiny_checkpoint("cogvideox-5b"), clips, tmp_path / "out", lora={"rank": 4, "alpha": 8})
+    model = load_transformer(cfg, torch.device("cpu"))
+    tokens = 72
+    estimate = ac.estimate_block_activations(model, 2, tokens, torch.float32, torch.device("cpu"))
+    block = model.transformer_blocks[0]
+    width = model.config.num_attention_heads * model.config.attention_head_dim
+    weights = {t.untyped_storage()._cdata for t in [*block.parameters(), *block.buffers()]}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.untyped_storage()._cdata not in weights:
+            saved[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
+        return t
+
+    hidden = torch.randn(2, tokens, width, requires_grad=True)
+    text = torch.randn(2, model.config.max_text_seq_length, width, requires_grad=True)
+    temb = torch.randn(2, model.config.time_embed_dim)
+    from fastcog.models import read_variant
+    from fastcog.objective import RotaryCache
+
+    rope = RotaryCache(read_variant(cfg.model.path))(3, 8, 12, torch.device("cpu"))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        block(hidden_states=hidden, encoder_hidden_states=text, temb=temb, image_rotary_emb=rope)
+    measured = sum(saved.values()) - sum(t.untyped_storage().nbytes() for t in rope
+                                         if t.untyped_storage()._cdata in saved)
+    assert measured > 0
+    assert estimate.none == pytest.approx(measured, rel=0.10)
+
+
+def test_auto_checkpointing_and_plan_share_one_estimate(tiny_config, capsys, monkeypatch):
+    """Both go through fastcog.plan.memory_plan: the trainer's `auto` chooses from it, and the plan
+    command prints it."""
+    from fastcog.build import _size
+    from fastcog.config import load_config
+    from fastcog.trainer import train
+
+    calls, real = [], fastcog.plan.memory_plan
+
+    def spy(*args, **kwargs):
+        plan = real(*args, **kwargs)
+        calls.append(plan)
+        return plan
+
+    monkeypatch.setattr(fastcog.plan, "memory_plan", spy)
+    path = tiny_config(train={"train_steps": 1, "activation_checkpointing": "auto"},
+                       fast={"attention": "sdpa", "memory_margin_gb": 0})
+    train(load_config(path))
+    [trainer_plan] = calls
+    printed = capsys.readouterr().out
+    chosen = next(line for line in printed.splitlines() if "auto chose" in line)
+    assert f"auto chose {trainer_plan.choose_policy(10**15)}" in chosen  # plenty of host memory: none
+    for policy in ("none", "selective", "full"):
+        assert f"{policy} {_size(trainer_plan.peak(policy))}" in chosen, chosen
+    plan_json(capsys, path)
+    assert len(calls) == 2
+
+
+def test_a_config_that_does_not_fit_names_the_switches_that_help(tiny_config, capsys):
+    """The tiny model on a 24 GB card with all but 100 kB of it held back as margin: no policy fits, and
+    each switch that lowers the peak is listed with what it saves."""
+    margin_gib = (24e9 - 1e5) / 2**30
+    path = tiny_config(train={"activation_checkpointing": "none"}, fast={"memory_margin_gb": margin_gib})
+    assert main(["plan", path, "--gpu", "rtx4090"]) == 0
+    out = capsys.readouterr().out
+    assert "does NOT fit" in out
+    assert "--set train.activation_checkpointing=full: saves" in out
+    assert "--set optim.cpu_offload=True: saves" in out
