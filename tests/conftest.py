@@ -6,6 +6,7 @@ collection time, before the tests import fastcog.kernels.
 """
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -98,3 +99,46 @@ def four_rank_runs(torchrun_data, tmp_path_factory) -> dict:
             "fp8_worker": Call("tests.fp8_runs:worker", [str(root / "fp8_worker"), torchrun_data["model"], "2"])}
     outcomes = launch_many(runs, root, nproc=4, cpu_only=True)
     return {name: (root / name, outcome) for name, outcome in outcomes.items()}
+
+
+@pytest.fixture(scope="session")
+def one_rank(torchrun_data) -> Path:
+    """test_distributed's reference run: one process, batch 2, 12 steps, checkpoints every 4 (its
+    checkpoint-4 also starts a 2-rank resume in two_rank_launch). The output folder."""
+    from tests.torchrun import in_process, raw_config
+
+    out = Path(torchrun_data["root"]) / "one_rank"
+    in_process(raw_config(torchrun_data, out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def two_rank_launch(torchrun_data, one_rank, tmp_path_factory) -> dict:
+    """The suite's 2-rank runs that need nothing but 2 ranks, in one torchrun launch (tests/torchrun.py's
+    launch_many; each launch pays ~6 s to start its ranks): the runs of the groups `distributed`
+    (tests/distributed_runs.py's two_rank_plan), `fp8` (tests/fp8_runs.py's) and `reliability`
+    (tests/reliability/rank_workers.py's), in this order. group -> (folder of its runs, name -> Outcome).
+
+    fp8 and reliability run on CPU with gloo even where a GPU is visible (the fp8 tolerances were
+    measured there); distributed's runs use a visible GPU as `fastcog train` would, so with one they
+    get a launch of their own. One fresh compile cache for the launch, which distributed's low-bit
+    optimizer runs share in their order (see test_torchao_low_bit_optimizers_under_fsdp_equal_one_process).
+    """
+    from tests.distributed_runs import two_rank_plan as distributed_plan
+    from tests.fp8_runs import two_rank_plan as fp8_plan
+    from tests.reliability.rank_workers import two_rank_plan as reliability_plan
+    from tests.torchrun import launch_many
+
+    root = tmp_path_factory.mktemp("two_rank_launch")
+    plans = {"distributed": distributed_plan(torchrun_data, one_rank, root / "distributed"),
+             "fp8": fp8_plan(torchrun_data, root / "fp8"),
+             "reliability": reliability_plan(torchrun_data, root / "reliability")}
+    launches = [(["distributed"], False), (["fp8", "reliability"], True)] if _HAS_CUDA else [(list(plans), True)]
+    outcomes = {}
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("TORCHINDUCTOR_CACHE_DIR", str(root / "inductor"))
+        for i, (groups, cpu_only) in enumerate(launches):
+            runs = {f"{group}.{name}": run for group in groups for name, run in plans[group].items()}
+            outcomes |= launch_many(runs, root / f"launch{i}", cpu_only=cpu_only)
+    return {group: (root / group, {name: outcomes[f"{group}.{name}"] for name in plan})
+            for group, plan in plans.items()}

@@ -1,5 +1,5 @@
 """What tests/test_fp8_fsdp.py runs under torchrun: the FP8 kinds this CPU runs, the training configs,
-the plan of the module's 2-rank launch (tests/torchrun.py's launch_many), and `worker`, the sharding
+the plan of its runs in the suite's shared 2-rank launch (conftest.py's two_rank_launch), and `worker`, the sharding
 check each rank runs (its report is checked by the test module)."""
 
 from __future__ import annotations
@@ -49,9 +49,9 @@ def fp8_raw(data: dict[str, str], out: Path, kind: str, ranks: int = 1, **sectio
 
 
 def two_rank_plan(data: dict[str, str], root: Path) -> dict:
-    """Every 2-rank run of tests/test_fp8_fsdp.py, for one launch: `worker` (`worker` below, on 2
-    ranks), `{kind}-fsdp` and `{kind}-ddp` (2 ranks x batch 1) for every kind, and `resumed`, the
-    storage FSDP run resumed on 2 ranks from its checkpoint-2 (by path)."""
+    """Every 2-rank run of tests/test_fp8_fsdp.py, in order, each in root/<name>: `worker` (`worker`
+    below, on 2 ranks), `{kind}-fsdp` and `{kind}-ddp` (2 ranks x batch 1) for every kind, and
+    `resumed`, the storage FSDP run resumed on 2 ranks from its checkpoint-2 (by path)."""
     (root / "worker").mkdir(parents=True, exist_ok=True)
     runs: dict = {"worker": Call("tests.fp8_runs:worker", [str(root / "worker"), data["model"], "1", *KINDS])}
     runs |= {f"{kind}-{how}": fp8_raw(data, root / f"{kind}-{how}", kind, ranks=2, parallel={"strategy": how})

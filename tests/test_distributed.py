@@ -33,6 +33,7 @@ from fastcog.checkpoint import list_checkpoints, load_checkpoint, read_trainable
 from fastcog.config import ParallelConfig
 from fastcog.errors import ConfigError, FastcogError
 from fastcog.parallel import World, check_optimizer, resolve_strategy
+from tests.distributed_runs import BF16, LOW_BIT, PRODIGY, SFT, TORCHAO_LOW_BIT
 from tests.torchrun import (
     HSDP_SECTIONS,
     LAUNCH_TIMEOUT_S,
@@ -41,7 +42,6 @@ from tests.torchrun import (
     env,
     in_process,
     launch,
-    launch_many,
     losses,
     metrics,
     raw_config,
@@ -51,7 +51,6 @@ from tests.torchrun import (
 
 FP32_RTOL = 1e-6
 BF16_RTOL = 1e-3
-TORCHAO_LOW_BIT = ("adamw_fp8", "adamw8bit", "adamw4bit")  # in this order: see the torchao test
 
 
 @pytest.fixture(scope="module")
@@ -61,53 +60,11 @@ def data(torchrun_data) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def one_rank(data) -> Path:
-    """The reference: one process, batch 2, 12 steps, checkpoints every 4."""
-    out = Path(data["root"]) / "one_rank"
-    in_process(raw_config(data, out))
-    return out
-
-
-# Sections of the runs compared with one process below; each test builds its in-process reference
-# from the same sections.
-BF16 = {"model": {"dtype": "bf16"}, "train": {"train_steps": 4, "activation_checkpointing": "full"},
-        "checkpoint": {"every_steps": 0}}
-PRODIGY = {"optim": {"name": "prodigy", "lr": 1.0}, "checkpoint": {"every_steps": 0}}
-LOW_BIT = {"lora": {"rank": 256}, "checkpoint": {"every_steps": 0}}
-SFT = {"model": {"training_type": "sft"}, "optim": {"name": "adam", "lr": 1e-4, "max_grad_norm": 1.0},
-       "train": {"train_steps": 3}, "checkpoint": {"every_steps": 0}}
-
-
-@pytest.fixture(scope="module")
-def two_rank_runs(data, one_rank, tmp_path_factory) -> dict:
-    """Every 2-rank `fastcog train` run of this module that needs nothing but 2 ranks, in one launch
-    (tests/torchrun.py's launch_many): name -> (output folder, Outcome)."""
-    root = tmp_path_factory.mktemp("two_rank_runs")
-    resumed = root / "resume_on_two"
-    resumed.mkdir()
-    shutil.copytree(one_rank / "checkpoint-4", resumed / "checkpoint-4")
-    runs = {
-        # FSDP2 on 2 ranks, batch 1 each, the same 12 steps; checkpoints written with async save.
-        "two_ranks": raw_config(data, root / "two_ranks", ranks=2, checkpoint={"async_save": True}),
-        "resume_on_two": raw_config(data, resumed, ranks=2, checkpoint={"resume_from": "latest"}),
-        "bf16": raw_config(data, root / "bf16", ranks=2, **BF16),
-        "prodigy_fsdp": raw_config(data, root / "prodigy_fsdp", ranks=2, **PRODIGY),
-        "prodigy_ddp": raw_config(data, root / "prodigy_ddp", ranks=2, parallel={"strategy": "ddp"}, **PRODIGY),
-        "sft": raw_config(data, root / "sft", ranks=2, **SFT),
-    }
-    for name in TORCHAO_LOW_BIT:
-        checkpoint = {"every_steps": 6 if name == "adamw4bit" else 0}
-        runs[f"{name}_fsdp"] = raw_config(data, root / f"{name}_fsdp", ranks=2, optim={"name": name},
-                                          **{**LOW_BIT, "checkpoint": checkpoint})
-    # Resumes from the run above, in the same launch: its checkpoint-6 by path.
-    runs["adamw4bit_resumed"] = raw_config(
-        data, root / "adamw4bit_resumed", ranks=2, optim={"name": "adamw4bit"},
-        **{**LOW_BIT, "checkpoint": {"every_steps": 0, "resume_from": str(root / "adamw4bit_fsdp" / "checkpoint-6")}})
-    # One fresh compile cache for the launch, which the low-bit optimizers' runs share in this order.
-    with pytest.MonkeyPatch.context() as m:
-        m.setenv("TORCHINDUCTOR_CACHE_DIR", str(root / "inductor"))
-        outcomes = launch_many(runs, root)
-    return {name: (Path(raw["train"]["output_dir"]), outcomes[name]) for name, raw in runs.items()}
+def two_rank_runs(two_rank_launch) -> dict:
+    """This module's runs of the suite's shared 2-rank launch (conftest.py; tests/distributed_runs.py's
+    two_rank_plan, each run in the folder named after it): name -> (output folder, Outcome)."""
+    root, outcomes = two_rank_launch["distributed"]
+    return {name: (root / name, outcome) for name, outcome in outcomes.items()}
 
 
 def two_rank_run(runs: dict, name: str) -> Path:

@@ -49,9 +49,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.fp8_runs import KINDS, ROWWISE_ON_CPU, STEPS, fp8_raw, two_rank_plan
+from tests.fp8_runs import KINDS, ROWWISE_ON_CPU, STEPS, fp8_raw
 from tests.runs import read_lora
-from tests.torchrun import assert_losses_close, in_process, launch_many, losses, metrics
+from tests.torchrun import assert_losses_close, in_process, losses, metrics
 
 # See the module docstring for the measurements behind these.
 ONE_LOSS_RTOL, ONE_GRAD_NORM_RTOL, ONE_LORA_ATOL = 1e-3, 5e-3, 1e-3
@@ -134,7 +134,7 @@ def check_worker_report(ranks: list[dict], shards: int) -> None:
 
 
 def test_fp8_weights_are_sharded_and_gathered_as_fp8(two_rank_runs):
-    """The worker on 2 ranks (in the module's shared launch)."""
+    """The worker on 2 ranks (in the suite's shared 2-rank launch)."""
     out = two_rank_runs["worker"]
     check_worker_report([json.loads((out / f"rank{r}.json").read_text()) for r in range(2)], shards=2)
 
@@ -153,20 +153,17 @@ def test_fp8_weights_under_hsdp(four_rank_runs):
 
 
 @pytest.fixture(scope="module")
-def two_rank_runs(data, tmp_path_factory) -> dict[str, Path]:
-    """tests/fp8_runs.py's two_rank_plan (every 2-rank run of this module) in one launch, each checked to
-    have run as planned: name -> output folder (the worker's: where it wrote rank<r>.json). CPU and gloo
-    even where a GPU is visible, as the tolerances were measured."""
-    root = tmp_path_factory.mktemp("fp8_two_rank_runs")
-    runs = two_rank_plan(data, root)
-    outcomes = launch_many(runs, root, cpu_only=True)
+def two_rank_runs(two_rank_launch) -> dict[str, Path]:
+    """This module's runs of the suite's shared 2-rank launch (conftest.py; tests/fp8_runs.py's
+    two_rank_plan, CPU and gloo even where a GPU is visible, as the tolerances were measured), each
+    checked to have run as planned: name -> output folder (the worker's: where it wrote rank<r>.json)."""
+    root, outcomes = two_rank_launch["fp8"]
     for name, outcome in outcomes.items():
         assert outcome.status == 0, (name, outcome.stderr[-3000:])
         how = "ddp" if name.endswith("-ddp") else "fsdp"
         assert name == "worker" or f"processes      2 ({how})" in outcome.stdout, name
     assert "resumed from" in outcomes["resumed"].stdout and "resumed from" not in outcomes["storage-fsdp"].stdout
-    return {name: root / "worker" if name == "worker" else Path(raw["train"]["output_dir"])
-            for name, raw in runs.items()}
+    return {name: root / name for name in outcomes}
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,11 +84,13 @@ def launch(raw: dict, name: str, nproc: int = 2, script: list[str] | None = None
 
 @dataclass
 class Outcome:
-    """What one run of a shared launch printed (rank 0) and its status: 0 done, 2 a FastcogError."""
+    """What one run of a shared launch printed (rank 0), its status (0 done, 2 a FastcogError) and how
+    long it took (rank 0's wall clock, up to the barrier that ends it)."""
 
     status: int
     stdout: str
     stderr: str
+    seconds: float = 0.0
 
 
 @dataclass
@@ -163,7 +166,7 @@ def _run_plan(plan_path: str, report: str) -> None:
     init_distributed()
     outcomes = {}
     for run in json.loads(Path(plan_path).read_text()):
-        out, err, status = io.StringIO(), io.StringIO(), 0
+        out, err, status, start = io.StringIO(), io.StringIO(), 0, time.monotonic()
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
                 if "call" in run:
@@ -177,7 +180,8 @@ def _run_plan(plan_path: str, report: str) -> None:
                 print(f"fastcog: error: {error}", file=sys.stderr)
                 status = 2
         barrier()  # every rank has finished the run before the next starts
-        outcomes[run["name"]] = {"status": status, "stdout": out.getvalue(), "stderr": err.getvalue()}
+        outcomes[run["name"]] = {"status": status, "stdout": out.getvalue(), "stderr": err.getvalue(),
+                                 "seconds": round(time.monotonic() - start, 2)}
         sys.stdout.write(out.getvalue())
         sys.stderr.write(err.getvalue())
     if current_world().is_main:

@@ -1,5 +1,5 @@
-"""The multi-rank faults, torchrun with 2 ranks on CPU (gloo), in one launch (tests/torchrun.py's
-launch_many; the rank-side code is in rank_workers.py):
+"""The multi-rank faults, torchrun with 2 ranks on CPU (gloo), in the suite's shared 2-rank launch
+(conftest.py's two_rank_launch; the runs and the rank-side code are in rank_workers.py):
 
 * SIGTERM reaches rank 1 only, during step 3: both ranks stop after step 3 (the flag is all-reduced
   at the step boundary, so rank 0 never waits in a collective), checkpoint-3 is written, and the
@@ -16,37 +16,15 @@ from pathlib import Path
 import pytest
 
 from fastcog.checkpoint import list_checkpoints
-from tests.media import make_mixed_dataset
-from tests.torchrun import Call, launch_many, metrics, raw_config, write_config
-
-STEPS = 6
-# (height, width) of the 6 clips, and the buckets they fall into: 2, 2, 1 and 1 clips.
-CLIP_SIZES = [(64, 96), (64, 96), (96, 64), (96, 64), (64, 64), (48, 96)]
-BUCKETS = [[9, 64, 96], [9, 96, 64], [9, 64, 64], [9, 48, 96]]
-BUCKET_EPOCHS = 2
+from tests.reliability.rank_workers import BUCKET_EPOCHS, CLIP_SIZES, STEPS
+from tests.torchrun import metrics
 
 
 @pytest.fixture(scope="module")
-def launch(torchrun_data, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("two_ranks")
-    sections = {"train": {"train_steps": STEPS}, "checkpoint": {"every_steps": 4, "resume_from": "latest"}}
-    full = raw_config(torchrun_data, root / "full", ranks=2, **sections)
-    resumed = raw_config(torchrun_data, root / "resumed", ranks=2, **sections)
-    interrupted = write_config(resumed, "interrupted")
-
-    clips = make_mixed_dataset(root / "bucket_clips", [{"num_frames": 9, "height": h, "width": w, "fps": 8}
-                                                       for h, w in CLIP_SIZES])
-    data = {**torchrun_data, "clips": str(clips), "cache": str(clips / "cache")}
-    # 4 global batches per epoch (one per bucket), accumulation 2: 2 steps per epoch.
-    buckets = raw_config(data, root / "buckets", ranks=2, train={"train_steps": 2 * BUCKET_EPOCHS},
-                         checkpoint={"every_steps": 0})
-    buckets["data"]["buckets"] = BUCKETS
-    outcomes = launch_many({
-        "full": full,
-        "interrupted": Call("tests.reliability.rank_workers:interrupted", [str(interrupted), "1", "3"]),
-        "resumed": resumed,
-        "buckets": Call("tests.reliability.rank_workers:record_samples", [str(write_config(buckets, "buckets"))]),
-    }, root / "launch", nproc=2, cpu_only=True)
+def launch(two_rank_launch) -> Path:
+    """The folder of this module's runs (rank_workers.py's two_rank_plan) in the suite's shared 2-rank
+    launch (conftest.py), all of which finished."""
+    root, outcomes = two_rank_launch["reliability"]
     assert all(o.status == 0 for o in outcomes.values()), {n: o.stderr[-2000:] for n, o in outcomes.items()}
     return root
 
