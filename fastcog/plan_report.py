@@ -53,9 +53,15 @@ class Plan:
     def fits(self) -> bool:
         return self.memory.peak(self.policy) <= self.capacity_bytes
 
+    fp8_flops_per_step: float = 0.0
+    """Of executed_flops_per_step, the frozen linears' FP8 GEMMs (fast.fp8), at the FP8 rate."""
+
     @property
     def step_time_lower_bound_s(self) -> float:
-        return self.executed_flops_per_step / self.gpu.bf16_flops
+        """Every executed FLOP at the datasheet peak: FP8 GEMMs at the FP8 rate, the rest at bf16."""
+        fp8 = self.fp8_flops_per_step if self.gpu.fp8_flops else 0.0
+        return (self.executed_flops_per_step - fp8) / self.gpu.bf16_flops + (
+            fp8 / self.gpu.fp8_flops if fp8 else 0.0)
 
 
 def largest_bucket_tokens(cfg: Config, variant: Any) -> int:
@@ -93,7 +99,7 @@ def make_plan(cfg: Config, gpu: GpuSpec, nproc: int = 1, strategy: str = "fsdp",
               ) -> Plan:
     """The plan of `cfg` on `nproc` GPUs of kind `gpu` (strategy fsdp or ddp when nproc > 1)."""
     from fastcog.build import convert_fp8, make_trainable
-    from fastcog.flops import executed_flops_per_sample, transformer_flops_per_sample
+    from fastcog.flops import executed_flops_per_sample, forward_flops, transformer_flops_per_sample
 
     transformer, variant = architecture(cfg, variant_name)
     transformer = make_trainable(transformer, cfg)
@@ -111,9 +117,14 @@ def make_plan(cfg: Config, gpu: GpuSpec, nproc: int = 1, strategy: str = "fsdp",
     samples = cfg.train.batch_size * cfg.train.gradient_accumulation_steps
     comm = communication_bytes(memory, nproc, strategy, cfg.train.gradient_accumulation_steps,
                                cfg.parallel.reshard_after_forward)
+    # FP8 runs the frozen linears' forward and input-gradient GEMMs (and their recompute).
+    fp8 = 0.0
+    if lora and cfg.fast.fp8 != "none":
+        linear = forward_flops(*flops_args[:4]).linear
+        fp8 = linear * (2 + (policy != "none")) * samples
     return Plan(gpu, nproc, strategy if nproc > 1 else "none", tokens, memory, capacity, policy,
                 transformer_flops_per_sample(*flops_args) * samples * nproc,
-                executed_flops_per_sample(*flops_args, policy=policy) * samples, variant.name, comm)
+                executed_flops_per_sample(*flops_args, policy=policy) * samples, variant.name, comm, fp8)
 
 
 def communication_bytes(m: MemoryPlan, nproc: int, strategy: str, accumulation: int, reshard: bool) -> int:
@@ -177,7 +188,10 @@ def lines(cfg: Config, plan: Plan, fixes: list[tuple[str, int]]) -> list[str]:
         f"  FLOPs per step  {plan.model_flops_per_step / 1e12:.1f} TFLOP model (all GPUs), "
         f"{plan.executed_flops_per_step / 1e12:.1f} TFLOP executed per GPU with {plan.policy} recompute",
         f"  step time       >= {plan.step_time_lower_bound_s:.2f} s per step (an estimate: the executed FLOPs at the "
-        f"{g.key} datasheet bf16 peak, {g.bf16_flops / 1e12:.0f} TFLOP/s; real steps reach a fraction of it)",
+        f"{g.key} datasheet peak, bf16 {g.bf16_flops / 1e12:.0f} TFLOP/s"
+        + (f", FP8 {g.fp8_flops / 1e12:.0f} for the {plan.fp8_flops_per_step / 1e12:.0f} TFLOP of FP8 GEMMs"
+           if plan.fp8_flops_per_step and g.fp8_flops else "")
+        + "; real steps reach a fraction of it)",
     ]
     return out
 
