@@ -212,7 +212,12 @@ class FastConfig:
     """Store frozen base weights in FP8 (e4m3, per-row scale) and widen them at use: about half the
     weight memory, slower matmuls. For low-memory runs; excludes `fp8`."""
     memory_margin_gb: float = 4.0
-    """train.activation_checkpointing=auto: device memory kept free beyond the estimate."""
+    """Device memory kept free beyond the estimate (fastcog.plan), by activation_checkpointing=auto
+    and by the fit check."""
+    fit_check: bool = True
+    """On a GPU, before any weight is loaded: stop when the estimated peak exceeds the device's
+    memory (naming the shortfall and a switch that fixes it), warn when it fits only within the
+    margin. false: start anyway."""
 
 
 @dataclass(frozen=True)

@@ -215,3 +215,41 @@ def as_json(cfg: Config, plan: Plan, fixes: list[tuple[str, int]]) -> dict[str, 
         "communication_bytes_per_step": plan.comm_bytes_per_step,
         "estimate": "memory: fake-tensor estimate; time: executed FLOPs at the datasheet bf16 peak (a lower bound)",
     }
+
+
+def fit_verdict(cfg: Config, gpu: GpuSpec, nproc: int, strategy: str) -> tuple[str, str]:
+    """("fits" | "tight" | "too big", a line) for `cfg` on `gpu` (whose memory_bytes is the device's)."""
+    plan = make_plan(cfg, gpu, nproc, strategy)
+    peak, policy = plan.memory.peak(plan.policy), plan.policy
+    if peak <= plan.capacity_bytes:
+        return "fits", f"fit check: estimated peak {_gb(peak).strip()} of {_gb(gpu.memory_bytes).strip()}"
+    if peak <= gpu.memory_bytes:
+        total = _gb(gpu.memory_bytes).strip()
+        return "tight", (f"fit check: the estimated peak {_gb(peak).strip()} ({policy} checkpointing) leaves less "
+                         f"than fast.memory_margin_gb={cfg.fast.memory_margin_gb} GiB of {total} free: the estimate "
+                         "has no room for error")
+    short = peak - gpu.memory_bytes
+    fixes = remedies(cfg, plan)
+    enough = [f for f in fixes if f[1] >= short]
+    fix = (f"--set {enough[0][0]} saves {_gb(enough[0][1]).strip()}" if enough else
+           "no single switch is enough" + (f" (the most: --set {fixes[0][0]}, {_gb(fixes[0][1]).strip()})"
+                                           if fixes else ""))
+    return "too big", (f"the estimated peak is {_gb(peak).strip()} per GPU ({policy} checkpointing), "
+                       f"{_gb(short).strip()} more than this GPU's {_gb(gpu.memory_bytes).strip()}: {fix}; "
+                       "`fastcog plan` shows the breakdown (fast.fit_check=false starts anyway)")
+
+
+def check_fit(cfg: Config, device: torch.device, nproc: int, strategy: str) -> str | None:
+    """On a GPU, before any weight is loaded: raise when the config cannot fit; return a warning when it
+    fits only without headroom; None otherwise (or off a GPU, or with fast.fit_check false)."""
+    from fastcog.gpus import gpu_by_device_name
+
+    if device.type != "cuda" or not cfg.fast.fit_check:
+        return None
+    name = torch.cuda.get_device_name(device)
+    total = torch.cuda.get_device_properties(device).total_memory
+    known = gpu_by_device_name(name) or GpuSpec("this-gpu", name, total, float("nan"), None, float("nan"), "torch")
+    verdict, line = fit_verdict(cfg, dataclasses.replace(known, memory_bytes=total), nproc, strategy)
+    if verdict == "too big":
+        raise ConfigError(line)
+    return line if verdict == "tight" else None

@@ -52,6 +52,7 @@ from fastcog.parallel import (
     init_distributed,
     resolve_strategy,
 )
+from fastcog.plan_report import check_fit
 from fastcog.stop import Preempted, StopRequest, ignore_stop_signals_in_worker
 
 
@@ -224,6 +225,9 @@ def train(cfg: Config) -> RunSummary:
     check_fast_path(cfg, device)
     write_demo_data(cfg, world)
     variant, samples = check_inputs(cfg)
+    warning = check_fit(cfg, device, world.world_size, strategy)
+    if warning and world.is_main:
+        print(f"fastcog: warning: {warning}")
     out, resume_path, record = prepare_output_dir(cfg, variant, world)
     seed_everything(cfg.train.seed)
 

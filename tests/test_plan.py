@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -127,3 +128,27 @@ def test_a_config_that_does_not_fit_names_the_switches_that_help(tiny_config, ca
     assert "does NOT fit" in out
     assert "--set train.activation_checkpointing=full: saves" in out
     assert "--set optim.cpu_offload=True: saves" in out
+
+
+def test_the_fit_check_stops_warns_or_passes(tiny_checkpoint, clips, tmp_path):
+    """fastcog train's check on a GPU, before any weight is loaded: the tiny model on cards of made-up
+    sizes around its estimated peak."""
+    from fastcog.gpus import gpu_by_key
+    from fastcog.plan_report import fit_verdict, make_plan
+
+    cfg = make_cfg(tiny_checkpoint("cogvideox-5b"), clips, tmp_path / "out",
+                   train={"activation_checkpointing": "none"}, fast={"memory_margin_gb": 0.001})
+    gpu = gpu_by_key("rtx4090")
+    peak = make_plan(cfg, gpu).memory.peak("none")
+    margin = int(0.001 * 2**30)
+
+    def verdict(memory: int) -> tuple[str, str]:
+        return fit_verdict(cfg, dataclasses.replace(gpu, memory_bytes=memory), 1, "none")
+
+    assert verdict(peak + margin)[0] == "fits"
+    kind, line = verdict(peak + margin // 2)
+    assert kind == "tight" and "no room for error" in line
+    kind, line = verdict(peak * 4 // 5)  # the full policy saves more than the missing fifth
+    assert kind == "too big"
+    assert "more than this GPU's" in line and "--set train.activation_checkpointing=full saves" in line
+    assert "fast.fit_check=false" in line
