@@ -182,6 +182,10 @@ def lines(cfg: Config, plan: Plan, fixes: list[tuple[str, int]]) -> list[str]:
                f"({g.memory_bytes / 1e9:.0f} GB less fast.memory_margin_gb={cfg.fast.memory_margin_gb})")
     for switch, saving in fixes:
         out.append(f"    --set {switch}: saves {_gb(saving).strip()}")
+    if not plan.fits:
+        a = m.activations
+        out.append(f"    not in fastcog: offloading the blocks' saved inputs to the host would save up to "
+                   f"{_gb(a.blocks * a.full).strip()} under full checkpointing")
     out += [
         *([f"  communication  {_gb(plan.comm_bytes_per_step).strip()} received per GPU per step"]
           if plan.nproc > 1 else []),
