@@ -243,17 +243,40 @@ def fit_verdict(cfg: Config, gpu: GpuSpec, nproc: int, strategy: str) -> tuple[s
                        "`fastcog plan` shows the breakdown (fast.fit_check=false starts anyway)")
 
 
-def check_fit(cfg: Config, device: torch.device, nproc: int, strategy: str) -> str | None:
-    """On a GPU, before any weight is loaded: raise when the config cannot fit; return a warning when it
-    fits only without headroom; None otherwise (or off a GPU, or with fast.fit_check false)."""
+def this_gpu(device: torch.device) -> GpuSpec:
+    """The device's entry of fastcog.gpus (or a bare one for an unknown GPU), with its real memory."""
     from fastcog.gpus import gpu_by_device_name
 
-    if device.type != "cuda" or not cfg.fast.fit_check:
-        return None
     name = torch.cuda.get_device_name(device)
     total = torch.cuda.get_device_properties(device).total_memory
     known = gpu_by_device_name(name) or GpuSpec("this-gpu", name, total, float("nan"), None, float("nan"), "torch")
-    verdict, line = fit_verdict(cfg, dataclasses.replace(known, memory_bytes=total), nproc, strategy)
+    return dataclasses.replace(known, memory_bytes=total)
+
+
+def check_fit(cfg: Config, device: torch.device, nproc: int, strategy: str) -> str | None:
+    """On a GPU, before any weight is loaded: raise when the config cannot fit; return a warning when it
+    fits only without headroom; None otherwise (or off a GPU, or with fast.fit_check false)."""
+    if device.type != "cuda" or not cfg.fast.fit_check:
+        return None
+    verdict, line = fit_verdict(cfg, this_gpu(device), nproc, strategy)
     if verdict == "too big":
         raise ConfigError(line)
     return line if verdict == "tight" else None
+
+
+def auto_strategy(cfg: Config, gpu: GpuSpec | None, nproc: int) -> tuple[str, str]:
+    """parallel.strategy=auto with several ranks: (strategy, why). LoRA trains with DDP when the
+    replicated model fits the GPU: FSDP2 gathers every frozen weight again at every step, which DDP
+    never does. Full fine-tuning, HSDP, and runs with no GPU to plan against use FSDP2."""
+    if cfg.model.training_type != "lora":
+        return "fsdp", "full fine-tuning: weights, gradients and optimizer state are sharded"
+    if cfg.parallel.replicate_degree > 1:
+        return "fsdp", f"parallel.replicate_degree={cfg.parallel.replicate_degree} (HSDP)"
+    if gpu is None:
+        return "fsdp", "no GPU memory to plan DDP against"
+    plan = make_plan(cfg, gpu, nproc, "ddp")
+    peak, usable = _gb(plan.memory.peak(plan.policy)).strip(), _gb(plan.capacity_bytes).strip()
+    if plan.fits:
+        return "ddp", (f"LoRA and the replicated model fits (estimated peak {peak} of {usable} usable): DDP "
+                       "does not gather the frozen weights every step as FSDP2 does")
+    return "fsdp", f"LoRA, but the replicated model does not fit (estimated peak {peak}): sharded with FSDP2"

@@ -52,7 +52,7 @@ from fastcog.parallel import (
     init_distributed,
     resolve_strategy,
 )
-from fastcog.plan_report import check_fit
+from fastcog.plan_report import auto_strategy, check_fit, this_gpu
 from fastcog.stop import Preempted, StopRequest, ignore_stop_signals_in_worker
 
 
@@ -225,6 +225,10 @@ def train(cfg: Config) -> RunSummary:
     check_fast_path(cfg, device)
     write_demo_data(cfg, world)
     variant, samples = check_inputs(cfg)
+    if cfg.parallel.strategy == "auto" and strategy == "fsdp":
+        strategy, why = auto_strategy(cfg, this_gpu(device) if device.type == "cuda" else None, world.world_size)
+        if world.is_main:
+            print(f"parallel: auto chose {strategy}: {why}")
     warning = check_fit(cfg, device, world.world_size, strategy)
     if warning and world.is_main:
         print(f"fastcog: warning: {warning}")

@@ -152,3 +152,20 @@ def test_the_fit_check_stops_warns_or_passes(tiny_checkpoint, clips, tmp_path):
     assert kind == "too big"
     assert "more than this GPU's" in line and "--set train.activation_checkpointing=full saves" in line
     assert "fast.fit_check=false" in line
+
+
+def test_auto_strategy_replicates_lora_when_it_fits(tiny_checkpoint, clips, tmp_path):
+    from fastcog.gpus import gpu_by_key
+    from fastcog.plan_report import auto_strategy, make_plan
+
+    def cfg(**sections):
+        return make_cfg(tiny_checkpoint("cogvideox-5b"), clips, tmp_path / "out", fast={"memory_margin_gb": 0.0},
+                        **sections)
+
+    peak = make_plan(cfg(), gpu_by_key("rtx4090"), 2, "ddp").memory.peak("none")
+    roomy, small = (dataclasses.replace(gpu_by_key("rtx4090"), memory_bytes=m) for m in (peak, peak - 1))
+    assert auto_strategy(cfg(), roomy, 2)[0] == "ddp"
+    strategy, why = auto_strategy(cfg(), small, 2)
+    assert strategy == "fsdp" and "does not fit" in why
+    assert auto_strategy(cfg(model={"training_type": "sft"}), roomy, 2)[0] == "fsdp"
+    assert auto_strategy(cfg(), None, 2) == ("fsdp", "no GPU memory to plan DDP against")
