@@ -20,11 +20,11 @@ Recipes (the scaling of torchao.float8's recipes of the same names, without the 
   rowwise kernel of ``_scaled_mm`` takes e4m3 only, as torchao uses it). The GEMM writes bf16 (the only
   rowwise output some CUDA builds accept); an fp16 model gets it cast back.
 
-Weights are quantised ONCE, at conversion: ``q(W)`` [N, K] for the forward and ``q(W^T)`` [K, N], a
-separately scaled contiguous copy, for the backward. ``_scaled_mm`` wants its second operand
-column-major, i.e. ``q(W).t()`` / ``q(W^T).t()`` views of row-major copies. The two FP8 copies take
-the memory of the one bf16 weight they replace; the high-precision weight is dropped. Under the
-rowwise recipe the copies differ beyond a transpose (each is scaled along its non-contracted dim).
+Weights are quantised ONCE, at conversion: ``q(W)`` [N, K] for the forward and ``q(W^T)`` [K, N], a separately
+scaled contiguous copy, for the backward. ``_scaled_mm`` wants its second operand column-major, i.e. ``q(W).t()``
+/ ``q(W^T).t()`` views of row-major copies. The two FP8 copies take the memory of the one bf16 weight they
+replace; the high-precision weight is dropped. Under the rowwise recipe the copies differ beyond a transpose
+(each is scaled along its non-contracted dim).
 
 Shapes. ``_scaled_mm`` on CUDA needs K and N multiples of 16 (M is free), row-major ``a`` and
 column-major ``b``; the converter only takes linears whose in and out features are multiples of 16
@@ -130,7 +130,7 @@ def _scaled_matmul(
     # mantissa), which scaled every tensorwise output by a wrong factor (up to 0.4%; rowwise scales
     # are powers of two, exact in bf16). Compiled code did not cast, so eager and compiled differed
     # (max 0.0625 on a 64x64 layer); tests/test_fp8.py checks eager == compiled == no autocast.
-    with _autocast_off(a.device.type):
+    with torch.autocast(a.device.type, enabled=False) if _autocast_on(a.device.type) else contextlib.nullcontext():
         out = torch._scaled_mm(
             aq,
             b.t(),  # column-major view, as _scaled_mm requires
@@ -213,14 +213,8 @@ fp8_storage_linear.register_autograd(_storage_backward, setup_context=_storage_s
 # --------------------------------------------------------------------------- modules
 
 
-def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
-    if torch.amp.is_autocast_available(device_type):
-        return torch.autocast(device_type, enabled=False)
-    return contextlib.nullcontext()
-
-
 def _autocast_on(device_type: str) -> bool:
-    # The meta device (`fastcog plan`) has no autocast state to ask.
+    # The meta device (`fastcog plan`) has no autocast state to ask or to turn off.
     return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
 
 
