@@ -86,19 +86,27 @@ def torchrun_data(tiny_checkpoint, clips, tmp_path_factory) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def four_rank_runs(torchrun_data, tmp_path_factory) -> dict:
-    """The suite's 4-rank work in one torchrun launch (tests/torchrun.py's launch_many; starting 4 ranks on
-    a 2-core machine costs more than either job): `hsdp`, test_distributed's HSDP training run, and
-    `fp8_worker`, test_fp8_fsdp's FP8 sharding worker (tests/fp8_runs.py) as HSDP (replicate degree 2).
-    CPU and gloo even where a GPU is visible. name -> (output folder, Outcome)."""
-    from tests.torchrun import Call, hsdp_config, launch_many
+def four_rank_started(torchrun_data, tmp_path_factory):
+    """The suite's 4-rank work in one torchrun launch (tests/torchrun.py's start_many; starting 4 ranks on
+    a 2-core machine costs more than either job), started: `hsdp`, test_distributed's HSDP training run,
+    and `fp8_worker`, test_fp8_fsdp's FP8 sharding worker (tests/fp8_runs.py) as HSDP (replicate degree
+    2). CPU and gloo even where a GPU is visible. (folder of the runs, Launch)."""
+    from tests.torchrun import Call, hsdp_config, start_many
 
     root = tmp_path_factory.mktemp("four_rank_runs")
     (root / "fp8_worker").mkdir()
     runs = {"hsdp": hsdp_config(torchrun_data, root / "hsdp"),
             "fp8_worker": Call("tests.fp8_runs:worker", [str(root / "fp8_worker"), torchrun_data["model"], "2"])}
-    outcomes = launch_many(runs, root, nproc=4, cpu_only=True)
-    return {name: (root / name, outcome) for name, outcome in outcomes.items()}
+    launch = start_many(runs, root, nproc=4, cpu_only=True, niceness=BACKGROUND_NICENESS["four_rank"])
+    yield root, launch
+    launch.stop()
+
+
+@pytest.fixture(scope="session")
+def four_rank_runs(four_rank_started) -> dict:
+    """four_rank_started's launch, ended: name -> (output folder, Outcome)."""
+    root, launch = four_rank_started
+    return {name: (root / name, outcome) for name, outcome in launch.wait().items()}
 
 
 @pytest.fixture(scope="session")
@@ -113,11 +121,11 @@ def one_rank(torchrun_data) -> Path:
 
 
 @pytest.fixture(scope="session")
-def two_rank_launch(torchrun_data, one_rank, tmp_path_factory) -> dict:
+def two_rank_started(torchrun_data, one_rank, tmp_path_factory):
     """The suite's 2-rank runs that need nothing but 2 ranks, in one torchrun launch (tests/torchrun.py's
-    launch_many; each launch pays ~6 s to start its ranks): the runs of the groups `distributed`
+    start_many; each launch pays ~6 s to start its ranks), started: the runs of the groups `distributed`
     (tests/distributed_runs.py's two_rank_plan), `fp8` (tests/fp8_runs.py's) and `reliability`
-    (tests/reliability/rank_workers.py's), in this order. group -> (folder of its runs, name -> Outcome).
+    (tests/reliability/rank_workers.py's), in this order. (root, plans, Launches).
 
     fp8 and reliability run on CPU with gloo even where a GPU is visible (the fp8 tolerances were
     measured there); distributed's runs use a visible GPU as `fastcog train` would, so with one they
@@ -127,18 +135,76 @@ def two_rank_launch(torchrun_data, one_rank, tmp_path_factory) -> dict:
     from tests.distributed_runs import two_rank_plan as distributed_plan
     from tests.fp8_runs import two_rank_plan as fp8_plan
     from tests.reliability.rank_workers import two_rank_plan as reliability_plan
-    from tests.torchrun import launch_many
+    from tests.torchrun import start_many
 
     root = tmp_path_factory.mktemp("two_rank_launch")
     plans = {"distributed": distributed_plan(torchrun_data, one_rank, root / "distributed"),
              "fp8": fp8_plan(torchrun_data, root / "fp8"),
              "reliability": reliability_plan(torchrun_data, root / "reliability")}
-    launches = [(["distributed"], False), (["fp8", "reliability"], True)] if _HAS_CUDA else [(list(plans), True)]
-    outcomes = {}
+    groups = [(["distributed"], False), (["fp8", "reliability"], True)] if _HAS_CUDA else [(list(plans), True)]
+    launches = []
     with pytest.MonkeyPatch.context() as m:
         m.setenv("TORCHINDUCTOR_CACHE_DIR", str(root / "inductor"))
-        for i, (groups, cpu_only) in enumerate(launches):
-            runs = {f"{group}.{name}": run for group in groups for name, run in plans[group].items()}
-            outcomes |= launch_many(runs, root / f"launch{i}", cpu_only=cpu_only)
+        for i, (names, cpu_only) in enumerate(groups):
+            runs = {f"{group}.{name}": run for group in names for name, run in plans[group].items()}
+            launches.append(start_many(runs, root / f"launch{i}", cpu_only=cpu_only,
+                                       niceness=BACKGROUND_NICENESS["two_rank"]))
+    yield root, plans, launches
+    for launch in launches:
+        launch.stop()
+
+
+@pytest.fixture(scope="session")
+def two_rank_launch(two_rank_started) -> dict:
+    """two_rank_started's launch, ended: group -> (folder of its runs, name -> Outcome)."""
+    root, plans, launches = two_rank_started
+    outcomes = {}
+    for launch in launches:
+        outcomes |= launch.wait()
     return {group: (root / group, {name: outcomes[f"{group}.{name}"] for name in plan})
             for group, plan in plans.items()}
+
+
+@pytest.fixture(scope="session")
+def low_bit_started(torchrun_data, tmp_path_factory):
+    """test_distributed's torchao references (tests/distributed_runs.py's low_bit_references) in one
+    process, with a fresh compile cache of their own, started: a launch of one rank (WORLD_SIZE 1, so
+    `train` runs as in this process). Most of its time is compiling the optimizers' steps, on one
+    core, so it runs in the background as the shared launches do. (folder of the runs, Launch)."""
+    from tests.distributed_runs import low_bit_references
+    from tests.torchrun import start_many
+
+    root = tmp_path_factory.mktemp("low_bit_references")
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("TORCHINDUCTOR_CACHE_DIR", str(root / "inductor"))
+        launch = start_many(low_bit_references(torchrun_data, root), root / "launch", nproc=1,
+                            niceness=BACKGROUND_NICENESS["low_bit_references"])
+    yield root, launch
+    launch.stop()
+
+
+@pytest.fixture(scope="session")
+def low_bit_references(low_bit_started) -> Path:
+    """low_bit_started's runs, ended, each finished: the folder of their output folders."""
+    root, launch = low_bit_started
+    for name, outcome in launch.wait().items():
+        assert outcome.status == 0, (name, outcome.stderr[-3000:])
+    return root
+
+
+# The shared launches run in the background of the tests before their first user, on the cores those
+# leave idle: at a lower priority, so that they never slow this process down (its torch threads
+# spin-wait on each other and lose several times their time to a busy neighbour, measured), the
+# 2-rank launch ahead of the 4-rank one, which is needed later.
+BACKGROUND_NICENESS = {"two_rank": 10, "low_bit_references": 12, "four_rank": 15}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def start_shared_launches_early(request: pytest.FixtureRequest) -> None:
+    """A session that will use the shared torchrun launches starts them before its first test (see
+    BACKGROUND_NICENESS)."""
+    used = {name for item in request.session.items for name in getattr(item, "fixturenames", ())}
+    for started, user in (("two_rank_started", "two_rank_launch"), ("low_bit_started", "low_bit_references"),
+                          ("four_rank_started", "four_rank_runs")):
+        if user in used:
+            request.getfixturevalue(started)

@@ -44,3 +44,11 @@ def two_rank_plan(data: dict[str, str], one_rank: Path, root: Path) -> dict:
         data, root / "adamw4bit_resumed", ranks=2, optim={"name": "adamw4bit"},
         **{**LOW_BIT, "checkpoint": {"every_steps": 0, "resume_from": str(root / "adamw4bit_fsdp" / "checkpoint-6")}})
     return runs
+
+
+def low_bit_references(data: dict[str, str], root: Path) -> dict:
+    """The one-process references of test_distributed's torchao test, in the order they run, each in
+    root/<name>: `adamw` (fp32 states), then each of TORCHAO_LOW_BIT; LoRA rank 256, batch 2."""
+    runs = {"adamw": raw_config(data, root / "adamw", **LOW_BIT)}
+    runs |= {name: raw_config(data, root / name, optim={"name": name}, **LOW_BIT) for name in TORCHAO_LOW_BIT}
+    return runs

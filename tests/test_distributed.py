@@ -33,7 +33,7 @@ from fastcog.checkpoint import list_checkpoints, load_checkpoint, read_trainable
 from fastcog.config import ParallelConfig
 from fastcog.errors import ConfigError, FastcogError
 from fastcog.parallel import World, check_optimizer, resolve_strategy
-from tests.distributed_runs import BF16, LOW_BIT, PRODIGY, SFT, TORCHAO_LOW_BIT
+from tests.distributed_runs import BF16, PRODIGY, SFT, TORCHAO_LOW_BIT
 from tests.torchrun import (
     HSDP_SECTIONS,
     LAUNCH_TIMEOUT_S,
@@ -180,14 +180,15 @@ def test_prodigy_refused_under_fsdp_and_equal_to_one_process_under_ddp(data, two
     assert worst <= 1e-4, worst  # measured up to 4.3e-6; a per-rank D gives >= 6.8e-3
 
 
-def test_torchao_low_bit_optimizers_under_fsdp_equal_one_process(data, two_rank_runs, tmp_path, monkeypatch):
+def test_torchao_low_bit_optimizers_under_fsdp_equal_one_process(two_rank_runs, low_bit_references):
     """adamw_fp8, adamw8bit, adamw4bit (torchao) on 2 FSDP ranks train what one process trains.
 
     LoRA rank 256: each rank's shard of a LoRA tensor (inner dim 32) then holds 4096 values, the least
     torchao quantises (smaller ones keep fp32 states), and is whole quantisation blocks (256 or 128
     values) of the tensor, so both runs quantise the same blocks. At rank 128 the shards keep fp32
     states where one process quantises, and the losses differ by 3.0e-7 (measured). The three runs
-    share one fresh TORCHINDUCTOR_CACHE_DIR in this order, in this process and in the 2-rank launch:
+    share one fresh TORCHINDUCTOR_CACHE_DIR in this order, in the one-process references (conftest.py's
+    low_bit_references, a process of their own) and in the 2-rank launch:
     adamw8bit finds adamw_fp8's compiled step there, under the same cache key
     (fastcog.optim._without_autograd_cache); with that cache in use it ran that step on its 8-bit
     codes without an error (losses 2.5e-7 off, LoRA 2.7e-2 off in the measure below), and adamw4bit
@@ -212,16 +213,14 @@ def test_torchao_low_bit_optimizers_under_fsdp_equal_one_process(data, two_rank_
         assert keys and got.keys() == want.keys()
         return max(float((got[k] - want[k]).abs().mean() / want[k].abs().mean()) for k in keys)
 
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
-    in_process(raw_config(data, tmp_path / "adamw", **LOW_BIT))
+    refs = low_bit_references
     for name in TORCHAO_LOW_BIT:
-        ref = in_process(raw_config(data, tmp_path / f"{name}-one", optim={"name": name}, **LOW_BIT))
         # The states were quantised: fp32 states train measurably otherwise (measured 1.2e-2 to 2.8e-1),
         # so FSDP keeping fp32 states on its shards would fail the comparison below.
-        assert worst_b(tmp_path / f"{name}-one", tmp_path / "adamw") > 5e-3, name
+        assert worst_b(refs / name, refs / "adamw") > 5e-3, name
         fsdp = two_rank_run(two_rank_runs, f"{name}_fsdp")
-        assert_losses_close(losses(fsdp), ref.losses, 1e-7)
-        worst = worst_b(fsdp, tmp_path / f"{name}-one")
+        assert_losses_close(losses(fsdp), losses(refs / name), 1e-7)
+        worst = worst_b(fsdp, refs / name)
         print(f"{name}: exported LoRA B, worst mean |difference| / mean |B| {worst:.1e}")
         assert worst <= 5e-4, (name, worst)
 

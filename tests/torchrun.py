@@ -15,6 +15,7 @@ import contextlib
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -109,25 +110,32 @@ class Launch:
     proc: subprocess.Popen
     names: list[str]
     workdir: Path
-    timeout_s: float
+    deadline: float  # time.monotonic() by which the launch must have ended
 
     def wait(self) -> dict[str, Outcome]:
         try:
-            code = self.proc.wait(timeout=self.timeout_s)
+            code = self.proc.wait(timeout=max(0.0, self.deadline - time.monotonic()))
         finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-                self.proc.wait()
+            self.stop()
         logs = {name: (self.workdir / f"launch.{name}").read_text(errors="replace") for name in ("stdout", "stderr")}
         assert code == 0, logs["stdout"][-2000:] + logs["stderr"][-4000:]
         outcomes = json.loads((self.workdir / "outcomes.json").read_text())
         assert list(outcomes) == self.names
         return {name: Outcome(**o) for name, o in outcomes.items()}
 
+    def stop(self) -> None:
+        """End the launch, ranks included (its own process group), if it is still running."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
 
-def start_many(runs: dict[str, dict | Call], workdir: Path, nproc: int = 2, cpu_only: bool = False) -> Launch:
+
+def start_many(runs: dict[str, dict | Call], workdir: Path, nproc: int = 2, cpu_only: bool = False,
+               niceness: int = 0) -> Launch:
     """Start `runs` (name -> raw config to train, or a Call), in this order, in one torchrun launch, and
-    return without waiting. cpu_only: CPU and gloo even where a GPU is visible.
+    return without waiting. cpu_only: CPU and gloo even where a GPU is visible. niceness: the launch's
+    scheduling priority (`nice`), for a launch that runs in the background of other tests.
 
     A run may resume from an earlier one's checkpoint (checkpoint.resume_from set to its path). A run
     that raises a FastcogError is recorded with status 2 and the launch goes on; anything else ends it.
@@ -138,12 +146,16 @@ def start_many(runs: dict[str, dict | Call], workdir: Path, nproc: int = 2, cpu_
     (workdir / "plan.json").write_text(json.dumps(plan, indent=1))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
            "-m", "tests.torchrun", str(workdir / "plan.json"), str(workdir / "outcomes.json")]
+    if niceness:
+        cmd = ["nice", "-n", str(niceness), *cmd]
     # As a module from the repository root: run as a file, its folder tests/ would be on sys.path and
     # tests/kernels would shadow the PyPI package `kernels` that transformers imports.
     run_env = {**env(), "CUDA_VISIBLE_DEVICES": ""} if cpu_only else env()
     with open(workdir / "launch.stdout", "w") as out, open(workdir / "launch.stderr", "w") as err:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=run_env, cwd=ROOT)
-    return Launch(proc, list(runs), workdir, LAUNCH_TIMEOUT_S * max(1, len(runs) // 2))
+        # Its own process group, for `Launch.stop` to end the ranks with the launcher; not a session of its
+        # own, which would be scheduled as a group of its own (autogroup), beside this one, whatever its nice.
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=run_env, cwd=ROOT, process_group=0)
+    return Launch(proc, list(runs), workdir, time.monotonic() + LAUNCH_TIMEOUT_S * max(1, len(runs) // 2))
 
 
 def launch_many(runs: dict[str, dict | Call], workdir: Path, nproc: int = 2, cpu_only: bool = False
