@@ -86,27 +86,36 @@ def torchrun_data(tiny_checkpoint, clips, tmp_path_factory) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def four_rank_started(torchrun_data, tmp_path_factory):
-    """The suite's 4-rank work in one torchrun launch (tests/torchrun.py's start_many; starting 4 ranks on
-    a 2-core machine costs more than either job), started: `hsdp`, test_distributed's HSDP training run,
-    and `fp8_worker`, test_fp8_fsdp's FP8 sharding worker (tests/fp8_runs.py) as HSDP (replicate degree
-    2). CPU and gloo even where a GPU is visible. (folder of the runs, Launch)."""
-    from tests.torchrun import Call, hsdp_config, start_many
+def background():
+    """The thread that runs the suite's background launches one after another (tests/torchrun.py's
+    Background; see BACKGROUND_NICENESS)."""
+    from tests.torchrun import Background
+
+    runner = Background()
+    yield runner
+    runner.close()
+
+
+@pytest.fixture(scope="session")
+def four_rank_started(torchrun_data, background, tmp_path_factory):
+    """The suite's 4-rank work in one torchrun launch (starting 4 ranks on a 2-core machine costs more
+    than either job), queued in the background: `hsdp`, test_distributed's HSDP training run, and
+    `fp8_worker`, test_fp8_fsdp's FP8 sharding worker (tests/fp8_runs.py) as HSDP (replicate degree
+    2). CPU and gloo even where a GPU is visible. (folder of the runs, Future of the outcomes)."""
+    from tests.torchrun import Call, hsdp_config
 
     root = tmp_path_factory.mktemp("four_rank_runs")
     (root / "fp8_worker").mkdir()
     runs = {"hsdp": hsdp_config(torchrun_data, root / "hsdp"),
             "fp8_worker": Call("tests.fp8_runs:worker", [str(root / "fp8_worker"), torchrun_data["model"], "2"])}
-    launch = start_many(runs, root, nproc=4, cpu_only=True, niceness=BACKGROUND_NICENESS["four_rank"])
-    yield root, launch
-    launch.stop()
+    return root, background.submit(runs, root, nproc=4, cpu_only=True, niceness=BACKGROUND_NICENESS)
 
 
 @pytest.fixture(scope="session")
 def four_rank_runs(four_rank_started) -> dict:
     """four_rank_started's launch, ended: name -> (output folder, Outcome)."""
     root, launch = four_rank_started
-    return {name: (root / name, outcome) for name, outcome in launch.wait().items()}
+    return {name: (root / name, outcome) for name, outcome in launch.result().items()}
 
 
 @pytest.fixture(scope="session")
@@ -121,11 +130,11 @@ def one_rank(torchrun_data) -> Path:
 
 
 @pytest.fixture(scope="session")
-def two_rank_started(torchrun_data, one_rank, tmp_path_factory):
-    """The suite's 2-rank runs that need nothing but 2 ranks, in one torchrun launch (tests/torchrun.py's
-    start_many; each launch pays ~6 s to start its ranks), started: the runs of the groups `distributed`
+def two_rank_started(torchrun_data, one_rank, background, tmp_path_factory):
+    """The suite's 2-rank runs that need nothing but 2 ranks, in one torchrun launch (each launch pays
+    ~6 s to start its ranks), queued in the background: the runs of the groups `distributed`
     (tests/distributed_runs.py's two_rank_plan), `fp8` (tests/fp8_runs.py's) and `reliability`
-    (tests/reliability/rank_workers.py's), in this order. (root, plans, Launches).
+    (tests/reliability/rank_workers.py's), in this order. (root, plans, Futures of the outcomes).
 
     fp8 and reliability run on CPU with gloo even where a GPU is visible (the fp8 tolerances were
     measured there); distributed's runs use a visible GPU as `fastcog train` would, so with one they
@@ -135,7 +144,6 @@ def two_rank_started(torchrun_data, one_rank, tmp_path_factory):
     from tests.distributed_runs import two_rank_plan as distributed_plan
     from tests.fp8_runs import two_rank_plan as fp8_plan
     from tests.reliability.rank_workers import two_rank_plan as reliability_plan
-    from tests.torchrun import start_many
 
     root = tmp_path_factory.mktemp("two_rank_launch")
     plans = {"distributed": distributed_plan(torchrun_data, one_rank, root / "distributed"),
@@ -143,15 +151,11 @@ def two_rank_started(torchrun_data, one_rank, tmp_path_factory):
              "reliability": reliability_plan(torchrun_data, root / "reliability")}
     groups = [(["distributed"], False), (["fp8", "reliability"], True)] if _HAS_CUDA else [(list(plans), True)]
     launches = []
-    with pytest.MonkeyPatch.context() as m:
-        m.setenv("TORCHINDUCTOR_CACHE_DIR", str(root / "inductor"))
-        for i, (names, cpu_only) in enumerate(groups):
-            runs = {f"{group}.{name}": run for group in names for name, run in plans[group].items()}
-            launches.append(start_many(runs, root / f"launch{i}", cpu_only=cpu_only,
-                                       niceness=BACKGROUND_NICENESS["two_rank"]))
-    yield root, plans, launches
-    for launch in launches:
-        launch.stop()
+    for i, (names, cpu_only) in enumerate(groups):
+        runs = {f"{group}.{name}": run for group in names for name, run in plans[group].items()}
+        launches.append(background.submit(runs, root / f"launch{i}", cpu_only=cpu_only, niceness=BACKGROUND_NICENESS,
+                                          env_vars={"TORCHINDUCTOR_CACHE_DIR": str(root / "inductor")}))
+    return root, plans, launches
 
 
 @pytest.fixture(scope="session")
@@ -160,43 +164,39 @@ def two_rank_launch(two_rank_started) -> dict:
     root, plans, launches = two_rank_started
     outcomes = {}
     for launch in launches:
-        outcomes |= launch.wait()
+        outcomes |= launch.result()
     return {group: (root / group, {name: outcomes[f"{group}.{name}"] for name in plan})
             for group, plan in plans.items()}
 
 
 @pytest.fixture(scope="session")
-def low_bit_started(torchrun_data, tmp_path_factory):
+def low_bit_started(torchrun_data, background, tmp_path_factory):
     """test_distributed's torchao references (tests/distributed_runs.py's low_bit_references) in one
     process, with a fresh compile cache of their own, started: a launch of one rank (WORLD_SIZE 1, so
     `train` runs as in this process). Most of its time is compiling the optimizers' steps, on one
-    core, so it runs in the background as the shared launches do. (folder of the runs, Launch)."""
+    core, so it is queued in the background as the shared launches are. (folder of the runs, Future
+    of the outcomes)."""
     from tests.distributed_runs import low_bit_references
-    from tests.torchrun import start_many
 
     root = tmp_path_factory.mktemp("low_bit_references")
-    with pytest.MonkeyPatch.context() as m:
-        m.setenv("TORCHINDUCTOR_CACHE_DIR", str(root / "inductor"))
-        launch = start_many(low_bit_references(torchrun_data, root), root / "launch", nproc=1,
-                            niceness=BACKGROUND_NICENESS["low_bit_references"])
-    yield root, launch
-    launch.stop()
+    return root, background.submit(low_bit_references(torchrun_data, root), root / "launch", nproc=1,
+                                   niceness=BACKGROUND_NICENESS,
+                                   env_vars={"TORCHINDUCTOR_CACHE_DIR": str(root / "inductor")})
 
 
 @pytest.fixture(scope="session")
 def low_bit_references(low_bit_started) -> Path:
     """low_bit_started's runs, ended, each finished: the folder of their output folders."""
     root, launch = low_bit_started
-    for name, outcome in launch.wait().items():
+    for name, outcome in launch.result().items():
         assert outcome.status == 0, (name, outcome.stderr[-3000:])
     return root
 
 
-# The shared launches run in the background of the tests before their first user, on the cores those
-# leave idle: at a lower priority, so that they never slow this process down (its torch threads
-# spin-wait on each other and lose several times their time to a busy neighbour, measured), the
-# 2-rank launch ahead of the 4-rank one, which is needed later.
-BACKGROUND_NICENESS = {"two_rank": 10, "low_bit_references": 12, "four_rank": 15}
+# The shared launches run in the background of the tests before their first user, on the core those
+# mostly leave idle: one at a time and at a lower priority, as several at once slowed this process
+# down (the Triton-interpreter kernel tests ran 4x slower beside all three, measured, 1.3x beside one).
+BACKGROUND_NICENESS = 10
 
 
 @pytest.fixture(scope="session", autouse=True)

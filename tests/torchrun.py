@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,10 +133,11 @@ class Launch:
 
 
 def start_many(runs: dict[str, dict | Call], workdir: Path, nproc: int = 2, cpu_only: bool = False,
-               niceness: int = 0) -> Launch:
+               niceness: int = 0, env_vars: dict[str, str] | None = None) -> Launch:
     """Start `runs` (name -> raw config to train, or a Call), in this order, in one torchrun launch, and
     return without waiting. cpu_only: CPU and gloo even where a GPU is visible. niceness: the launch's
-    scheduling priority (`nice`), for a launch that runs in the background of other tests.
+    scheduling priority (`nice`), for a launch that runs in the background of other tests. env_vars:
+    set for the launch.
 
     A run may resume from an earlier one's checkpoint (checkpoint.resume_from set to its path). A run
     that raises a FastcogError is recorded with status 2 and the launch goes on; anything else ends it.
@@ -150,12 +152,39 @@ def start_many(runs: dict[str, dict | Call], workdir: Path, nproc: int = 2, cpu_
         cmd = ["nice", "-n", str(niceness), *cmd]
     # As a module from the repository root: run as a file, its folder tests/ would be on sys.path and
     # tests/kernels would shadow the PyPI package `kernels` that transformers imports.
-    run_env = {**env(), "CUDA_VISIBLE_DEVICES": ""} if cpu_only else env()
+    run_env = {**env(), **({"CUDA_VISIBLE_DEVICES": ""} if cpu_only else {}), **(env_vars or {})}
     with open(workdir / "launch.stdout", "w") as out, open(workdir / "launch.stderr", "w") as err:
         # Its own process group, for `Launch.stop` to end the ranks with the launcher; not a session of its
         # own, which would be scheduled as a group of its own (autogroup), beside this one, whatever its nice.
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=run_env, cwd=ROOT, process_group=0)
     return Launch(proc, list(runs), workdir, time.monotonic() + LAUNCH_TIMEOUT_S * max(1, len(runs) // 2))
+
+
+class Background:
+    """Launches run one after another, each started when the one before has ended, in a thread of its
+    own while the tests go on; `submit` takes start_many's arguments and gives a Future of the
+    launch's outcomes (Launch.wait's)."""
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1)
+        self._current: Launch | None = None
+        self._closed = False
+
+    def submit(self, runs: dict[str, dict | Call], workdir: Path, **kwargs) -> Future:
+        def run() -> dict[str, Outcome]:
+            if self._closed:
+                raise RuntimeError("background launches closed")
+            self._current = start_many(runs, workdir, **kwargs)
+            return self._current.wait()
+
+        return self._pool.submit(run)
+
+    def close(self) -> None:
+        """Cancel the launches not started, and end the one running."""
+        self._closed = True
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._current is not None:
+            self._current.stop()
 
 
 def launch_many(runs: dict[str, dict | Call], workdir: Path, nproc: int = 2, cpu_only: bool = False
