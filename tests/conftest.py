@@ -88,7 +88,7 @@ def torchrun_data(tiny_checkpoint, clips, tmp_path_factory) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def background():
     """The thread that runs the suite's background launches one after another (tests/torchrun.py's
-    Background; see BACKGROUND_NICENESS)."""
+    Background; see start_shared_launches_early)."""
     from tests.torchrun import Background
 
     runner = Background()
@@ -108,7 +108,7 @@ def four_rank_started(torchrun_data, background, tmp_path_factory):
     (root / "fp8_worker").mkdir()
     runs = {"hsdp": hsdp_config(torchrun_data, root / "hsdp"),
             "fp8_worker": Call("tests.fp8_runs:worker", [str(root / "fp8_worker"), torchrun_data["model"], "2"])}
-    return root, background.submit(runs, root, nproc=4, cpu_only=True, niceness=BACKGROUND_NICENESS)
+    return root, background.submit(runs, root, nproc=4, cpu_only=True, background=True)
 
 
 @pytest.fixture(scope="session")
@@ -153,7 +153,7 @@ def two_rank_started(torchrun_data, one_rank, background, tmp_path_factory):
     launches = []
     for i, (names, cpu_only) in enumerate(groups):
         runs = {f"{group}.{name}": run for group in names for name, run in plans[group].items()}
-        launches.append(background.submit(runs, root / f"launch{i}", cpu_only=cpu_only, niceness=BACKGROUND_NICENESS,
+        launches.append(background.submit(runs, root / f"launch{i}", cpu_only=cpu_only, background=True,
                                           env_vars={"TORCHINDUCTOR_CACHE_DIR": str(root / "inductor")}))
     return root, plans, launches
 
@@ -180,7 +180,7 @@ def low_bit_started(torchrun_data, background, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("low_bit_references")
     return root, background.submit(low_bit_references(torchrun_data, root), root / "launch", nproc=1,
-                                   niceness=BACKGROUND_NICENESS,
+                                   background=True,
                                    env_vars={"TORCHINDUCTOR_CACHE_DIR": str(root / "inductor")})
 
 
@@ -193,16 +193,12 @@ def low_bit_references(low_bit_started) -> Path:
     return root
 
 
-# The shared launches run in the background of the tests before their first user, on the core those
-# mostly leave idle: one at a time and at a lower priority, as several at once slowed this process
-# down (the Triton-interpreter kernel tests ran 4x slower beside all three, measured, 1.3x beside one).
-BACKGROUND_NICENESS = 10
-
-
 @pytest.fixture(scope="session", autouse=True)
 def start_shared_launches_early(request: pytest.FixtureRequest) -> None:
-    """A session that will use the shared torchrun launches starts them before its first test (see
-    BACKGROUND_NICENESS)."""
+    """A session that will use the shared torchrun launches starts them before its first test. They run
+    beside the tests before their first user, on the core those mostly leave idle: one at a time and
+    at the lowest priority, as more slowed the tests down (measured: the Triton-interpreter kernel
+    tests 4x slower beside all three at nice 10, the CLI subprocess tests 2.5x beside one at nice 10)."""
     used = {name for item in request.session.items for name in getattr(item, "fixturenames", ())}
     for started, user in (("two_rank_started", "two_rank_launch"), ("low_bit_started", "low_bit_references"),
                           ("four_rank_started", "four_rank_runs")):

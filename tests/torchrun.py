@@ -15,6 +15,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -133,11 +134,11 @@ class Launch:
 
 
 def start_many(runs: dict[str, dict | Call], workdir: Path, nproc: int = 2, cpu_only: bool = False,
-               niceness: int = 0, env_vars: dict[str, str] | None = None) -> Launch:
+               background: bool = False, env_vars: dict[str, str] | None = None) -> Launch:
     """Start `runs` (name -> raw config to train, or a Call), in this order, in one torchrun launch, and
-    return without waiting. cpu_only: CPU and gloo even where a GPU is visible. niceness: the launch's
-    scheduling priority (`nice`), for a launch that runs in the background of other tests. env_vars:
-    set for the launch.
+    return without waiting. cpu_only: CPU and gloo even where a GPU is visible. background: at the
+    lowest scheduling priority (SCHED_IDLE where `chrt` is there, else nice 19), for a launch that runs
+    beside other tests. env_vars: set for the launch.
 
     A run may resume from an earlier one's checkpoint (checkpoint.resume_from set to its path). A run
     that raises a FastcogError is recorded with status 2 and the launch goes on; anything else ends it.
@@ -148,8 +149,8 @@ def start_many(runs: dict[str, dict | Call], workdir: Path, nproc: int = 2, cpu_
     (workdir / "plan.json").write_text(json.dumps(plan, indent=1))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
            "-m", "tests.torchrun", str(workdir / "plan.json"), str(workdir / "outcomes.json")]
-    if niceness:
-        cmd = ["nice", "-n", str(niceness), *cmd]
+    if background:
+        cmd = ["chrt", "--idle", "0", *cmd] if shutil.which("chrt") else ["nice", "-n", "19", *cmd]
     # As a module from the repository root: run as a file, its folder tests/ would be on sys.path and
     # tests/kernels would shadow the PyPI package `kernels` that transformers imports.
     run_env = {**env(), **({"CUDA_VISIBLE_DEVICES": ""} if cpu_only else {}), **(env_vars or {})}
