@@ -1,20 +1,22 @@
 """The real CLI on user mistakes: one `fastcog: error:` line, non-zero exit, no traceback, and an
 earlier run in the same output directory left byte-for-byte as it was.
 
-`python -m fastcog train` runs as a subprocess for the finished run every case starts from and for
-one mistake (the exit status through `python -m`); the other mistakes run one after another in one
-more subprocess that calls `fastcog.cli.main` as `python -m fastcog` does (sys.exit(main())),
-recording its return value and what it wrote to stderr, so the imports are paid once.
+One mistake runs through `python -m fastcog train` as a subprocess (the exit status through
+`python -m`); the finished run every case starts from and the other mistakes call `fastcog.cli.main`
+in this process, in the cases' working directory, as `python -m fastcog` does (sys.exit(main())),
+recording its return value and what it wrote to stdout and stderr (a traceback included).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import json
+import io
 import os
 import shutil
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 import pytest
@@ -60,7 +62,7 @@ def tree_hashes(root: Path) -> dict[str, str]:
 def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A working directory holding a finished tiny run: model, clips and output dir `out`."""
     cwd = tmp_path_factory.mktemp("cli")
-    proc = run_cli(cwd, write_config(cwd, base_config(), "good.yaml"))
+    proc = run_in_process(cwd, ["train", write_config(cwd, base_config(), "good.yaml")])
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = cwd / "out"
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
@@ -135,24 +137,23 @@ CASES = {
 
 # Calls fastcog.cli.main once per argument list (in the working directory argv[1]), each with its
 # own stderr; an exception that escapes main is recorded with its traceback, as Python would print it.
-DRIVER = """
-import contextlib, io, json, os, sys, traceback
-os.chdir(sys.argv[1])
-from fastcog.cli import main
-results = []
-for argv in json.loads(sys.argv[2]):
+def run_in_process(cwd: Path, argv: list[str]) -> subprocess.CompletedProcess:
+    """`fastcog.cli.main(argv)` in `cwd`, as `python -m fastcog` runs it: its status and its output."""
+    from fastcog.cli import main
+
     err, out = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+    with pytest.MonkeyPatch.context() as m, contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+        m.chdir(cwd)
         try:
             code = main(argv)
         except SystemExit as exit:
             code = exit.code
-        except BaseException:
+        except Exception:  # a bug: recorded as python would print it, and the case fails on it
             traceback.print_exc()
             code = 1
-    results.append({"returncode": code, "stderr": err.getvalue(), "stdout": out.getvalue()})
-print(json.dumps(results))
-"""
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
+
+
 SUBPROCESS_CASE = "unknown_key"  # the one mistake run through `python -m fastcog train` itself
 OVERRIDE_ARGS = ["--set", "optim.lr_schedular=cosine"]
 
@@ -169,11 +170,8 @@ def outcomes(workspace: Path) -> dict[str, subprocess.CompletedProcess]:
     argvs["set_override"] = ["train", write_config(workspace, base_config(), "override.yaml"), *OVERRIDE_ARGS]
     before = {name: tree_hashes(workspace / name) for name in ("out", "tiny-5b")}
     results = {SUBPROCESS_CASE: run_cli(workspace, *argvs.pop(SUBPROCESS_CASE)[1:])}
-    driver = subprocess.run([sys.executable, "-c", DRIVER, str(workspace), json.dumps(list(argvs.values()))],
-                            cwd=workspace, env=ENV, capture_output=True, text=True, timeout=300)
-    assert driver.returncode == 0, driver.stderr[-3000:]
-    for case, r in zip(argvs, json.loads(driver.stdout.splitlines()[-1]), strict=True):
-        results[case] = subprocess.CompletedProcess(argvs[case], r["returncode"], r["stdout"], r["stderr"])
+    for case, argv in argvs.items():
+        results[case] = run_in_process(workspace, argv)
     return {"before": before, "expected": expected, **results}
 
 
