@@ -54,6 +54,9 @@ def path_metrics(res: PathResult, bench: Bench, ref: PathResult | None) -> dict[
         "peak_memory_allocated_gb": res.peak_allocated_gb,
         "peak_memory_reserved_gb": res.peak_reserved_gb,
         "memory_note": "not measured on CPU" if cpu else "torch.cuda max allocated / reserved over the steps",
+        "planned_peak_gb": res.planned_peak_gb,
+        "planned_over_measured": (res.planned_peak_gb / res.peak_allocated_gb
+                                  if res.planned_peak_gb and res.peak_allocated_gb else None),
         "speedup_vs_reference": percentile(ref.step_times, 50) / p50 if ref and ref.ok and ref.step_times else None,
     }
 

@@ -117,6 +117,9 @@ class PathResult:
     lrs: list[float] = field(default_factory=list)
     peak_allocated_gb: float | None = None
     peak_reserved_gb: float | None = None
+    planned_peak_gb: float | None = None
+    """fastcog.plan's estimate for this path on a GPU (fastcog paths; the reference path keeps fp32
+    frozen weights, which the plan does not model)."""
     patch_report: dict[str, Any] = field(default_factory=dict)
     final_lora: dict[str, torch.Tensor] | None = None
     lora_divergence: dict[str, float | None] | None = None
@@ -226,6 +229,22 @@ def build_fastcog(model: Any, params: list, cfg: Config, bench: Bench) -> tuple[
     return objective, optimizer, lr_scheduler, report
 
 
+def planned_peak(cfg: Config, bench: Bench, policy: str) -> int:
+    """The path's peak bytes by fastcog.plan, from a weightless copy of the bench's transformer built as
+    the path builds it (what `fastcog plan` prints), beside the measured peak in the results."""
+    import torch
+    from diffusers import CogVideoXTransformer3DModel
+
+    from fastcog.build import convert_fp8, make_trainable
+    from fastcog.plan import memory_plan
+
+    with torch.device("meta"):
+        model = CogVideoXTransformer3DModel(**bench.transformer_config)
+    model = make_trainable(model, cfg)
+    convert_fp8(model, cfg)
+    return memory_plan(model, cfg, bench.video_tokens, 1, torch.device("meta"), for_gpu=True).peak(policy)
+
+
 def train_step(model: Any, params: list, objective: Any, optimizer: Any, lr_scheduler: Any, scaler: Any,
                batch: dict, cfg: Config) -> tuple[float, float]:
     """The one step every path runs: forward (the objective autocasts the transformer forward only),
@@ -256,6 +275,8 @@ def _run_path(spec: PathSpec, bench: Bench, res: PathResult) -> None:
     t0 = time.perf_counter()
     model, params, objective, optimizer, lr_scheduler, scaler, res.patch_report = build_path(spec, bench)
     res.build_s = time.perf_counter() - t0
+    if spec.role != "reference":
+        res.planned_peak_gb = planned_peak(spec.cfg, bench, res.patch_report["activation_checkpointing"]) / 1e9
     for line in res.patch_report.get("lines", []):
         print(f"[{spec.name}] {line}", file=sys.stderr, flush=True)
     if bench.device.type == "cuda":  # the training peak, resident weights included; build transients not
