@@ -12,24 +12,13 @@ from typing import Any
 import torch
 
 from fastcog.errors import FastcogError
+from fastcog.optim import held_bytes
 from fastcog.parallel import all_gather_objects
 
 # Words of the errors torch's writers raise for a failed write (DCP wraps the OSError of its
 # writer threads, and torch.save's zip writer reports it as an inline_container error).
 _WRITE_FAILURES = ("No space left", "Disk quota", "inline_container", "file write failed", "Permission denied",
                    "Read-only file system", "File too large")
-
-
-def local_bytes(tensors: Any) -> int:
-    """Bytes of the tensors this rank writes (a DTensor counts its local shard)."""
-    if isinstance(tensors, torch.Tensor):
-        local = tensors.to_local() if hasattr(tensors, "to_local") else tensors
-        return local.numel() * local.element_size()
-    if isinstance(tensors, dict):
-        return sum(local_bytes(v) for v in tensors.values())
-    if isinstance(tensors, (list, tuple)):
-        return sum(local_bytes(v) for v in tensors)
-    return 0
 
 
 def _size(n: float) -> str:
@@ -56,10 +45,10 @@ def _no_room(folder: Path, needed: int) -> str | None:
 def check_before_save(tensors: dict[str, Any], step: int, folder: Path, is_main: bool) -> int:
     """Collective: every rank raises the same error, or none does (a rank that raised alone would
     leave the others waiting in the save). Returns the checkpoint's size in bytes."""
-    sizes_and_problems = all_gather_objects((local_bytes(tensors), _nonfinite(tensors["model"], step)))
-    needed = sum(size for size, _ in sizes_and_problems)
-    problems = [p for _, p in sizes_and_problems if p] or [_no_room(folder, needed) if is_main else None]
-    problem = all_gather_objects(problems[0])[0] if len(sizes_and_problems) > 1 else problems[0]
+    gathered = all_gather_objects((held_bytes(tensors), _nonfinite(tensors["model"], step)))
+    needed = sum(size for size, _ in gathered)
+    problem = next((p for _, p in gathered if p), None) or (_no_room(folder, needed) if is_main else None)
+    problem = all_gather_objects(problem)[0]  # rank 0's answer on the free space, on every rank
     if problem:
         raise FastcogError(problem)
     return needed

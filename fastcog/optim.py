@@ -232,13 +232,10 @@ def _leaf_tensors(t: torch.Tensor) -> list[torch.Tensor]:
     return [leaf for name in names for leaf in _leaf_tensors(getattr(t, name))]
 
 
-def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of memory held by the optimizer's per-parameter state (not the parameters or gradients).
-
-    Walks state_dict() (which references the live state tensors), skipping param_groups; a tensor
-    shared between parameters (bitsandbytes' quantisation maps) is counted once. Under FSDP2 the state
-    tensors are DTensors, whose inner tensor is this rank's shard: the result is per rank.
-    """
+def held_bytes(value: Any, skip_keys: tuple[str, ...] = ()) -> int:
+    """Bytes of memory held by the tensors in a nest of dicts, lists and tuples (keys in `skip_keys`
+    left out). A storage shared by several tensors is counted once; a DTensor counts its local shard
+    and a quantised tensor subclass its inner tensors (see _leaf_tensors)."""
     seen: set[tuple[str, int]] = set()
     total = 0
 
@@ -253,11 +250,21 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
                     total += storage.nbytes()
         elif isinstance(value, dict):
             for k, v in value.items():
-                if k != "param_groups":
+                if k not in skip_keys:
                     walk(v)
         elif isinstance(value, (list, tuple)):
             for v in value:
                 walk(v)
 
-    walk(optimizer.state_dict())
+    walk(value)
     return total
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of memory held by the optimizer's per-parameter state (not the parameters or gradients).
+
+    Walks state_dict() (which references the live state tensors), skipping param_groups; a tensor
+    shared between parameters (bitsandbytes' quantisation maps) is counted once. Under FSDP2 the state
+    tensors are DTensors, whose inner tensor is this rank's shard: the result is per rank.
+    """
+    return held_bytes(optimizer.state_dict(), skip_keys=("param_groups",))
