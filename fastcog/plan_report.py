@@ -10,6 +10,7 @@ derived from them is a lower bound at peak rate, labelled as an estimate.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,35 +76,45 @@ def largest_bucket_tokens(cfg: Config, variant: Any) -> int:
                             variant) for f, h, w in buckets)
 
 
-def architecture(cfg: Config, variant_name: str | None) -> tuple[torch.nn.Module, Any]:
-    """The transformer on the meta device and its variant: from model.path's transformer/config.json
-    when it exists, else from the released checkpoint's config (fastcog.variants), so a run can be
-    planned before the weights are downloaded."""
-    from diffusers import CogVideoXTransformer3DModel
+def architecture(cfg: Config, variant_name: str | None) -> dict[str, Any]:
+    """The transformer's config: model.path's transformer/config.json when it exists, else the released
+    checkpoint's (fastcog.variants), so a run can be planned before the weights are downloaded."""
+    from fastcog.models import read_variant
+    from fastcog.variants import FULL_TRANSFORMER_CONFIGS
 
-    from fastcog.models import meta_transformer, read_variant
-    from fastcog.variants import FULL_TRANSFORMER_CONFIGS, detect_variant
-
-    if (Path(cfg.model.path) / "transformer" / "config.json").is_file():
-        return meta_transformer(cfg.model.path), read_variant(cfg.model.path)
+    config_file = Path(cfg.model.path) / "transformer" / "config.json"
+    if config_file.is_file():
+        read_variant(cfg.model.path)  # the folder and its config are readable and of a known variant
+        return json.loads(config_file.read_text())
     name = variant_name or (cfg.model.variant if cfg.model.variant != "auto" else None)
     if name is None:
         raise ConfigError(f"model.path={cfg.model.path!r} has no transformer/config.json: pass --variant (one of "
                           f"{', '.join(FULL_TRANSFORMER_CONFIGS)}) to plan with the released checkpoint's architecture")
+    return dict(FULL_TRANSFORMER_CONFIGS[name])
+
+
+def weightless_transformer(transformer_config: dict[str, Any], cfg: Config) -> torch.nn.Module:
+    """A transformer of this architecture on the meta device (no weights read or allocated), made
+    trainable and FP8-converted as `fastcog train` builds it (fastcog.build)."""
+    from diffusers import CogVideoXTransformer3DModel
+
+    from fastcog.build import convert_fp8, make_trainable
+
     with torch.device("meta"):
-        transformer = CogVideoXTransformer3DModel(**FULL_TRANSFORMER_CONFIGS[name])
-    return transformer, detect_variant(dict(transformer.config))
+        transformer = CogVideoXTransformer3DModel.from_config(transformer_config)
+    transformer = make_trainable(transformer, cfg)
+    convert_fp8(transformer, cfg)
+    return transformer
 
 
 def make_plan(cfg: Config, gpu: GpuSpec, nproc: int = 1, strategy: str = "fsdp", variant_name: str | None = None
               ) -> Plan:
     """The plan of `cfg` on `nproc` GPUs of kind `gpu` (strategy fsdp or ddp when nproc > 1)."""
-    from fastcog.build import convert_fp8, make_trainable
     from fastcog.flops import executed_flops_per_sample, forward_flops, transformer_flops_per_sample
+    from fastcog.variants import detect_variant
 
-    transformer, variant = architecture(cfg, variant_name)
-    transformer = make_trainable(transformer, cfg)
-    convert_fp8(transformer, cfg)
+    transformer = weightless_transformer(architecture(cfg, variant_name), cfg)
+    variant = detect_variant(dict(transformer.config))
     tokens = largest_bucket_tokens(cfg, variant)
     shards = nproc // cfg.parallel.replicate_degree if nproc > 1 and strategy == "fsdp" else 1
     memory = planning.memory_plan(transformer, cfg, tokens, shards, torch.device("meta"), for_gpu=True)
@@ -221,9 +232,9 @@ def as_json(cfg: Config, plan: Plan, fixes: list[tuple[str, int]]) -> dict[str, 
     }
 
 
-def fit_verdict(cfg: Config, gpu: GpuSpec, nproc: int, strategy: str) -> tuple[str, str]:
-    """("fits" | "tight" | "too big", a line) for `cfg` on `gpu` (whose memory_bytes is the device's)."""
-    plan = make_plan(cfg, gpu, nproc, strategy)
+def fit_verdict(cfg: Config, plan: Plan) -> tuple[str, str]:
+    """("fits" | "tight" | "too big", a line) for a plan made on the device's GPU (its real memory)."""
+    gpu = plan.gpu
     peak, policy = plan.memory.peak(plan.policy), plan.policy
     if peak <= plan.capacity_bytes:
         return "fits", f"fit check: estimated peak {_gb(peak).strip()} of {_gb(gpu.memory_bytes).strip()}"
@@ -253,30 +264,41 @@ def this_gpu(device: torch.device) -> GpuSpec:
     return dataclasses.replace(known, memory_bytes=total)
 
 
-def check_fit(cfg: Config, device: torch.device, nproc: int, strategy: str) -> str | None:
-    """On a GPU, before any weight is loaded: raise when the config cannot fit; return a warning when it
-    fits only without headroom; None otherwise (or off a GPU, or with fast.fit_check false)."""
-    if device.type != "cuda" or not cfg.fast.fit_check:
-        return None
-    verdict, line = fit_verdict(cfg, this_gpu(device), nproc, strategy)
-    if verdict == "too big":
-        raise ConfigError(line)
-    return line if verdict == "tight" else None
-
-
-def auto_strategy(cfg: Config, gpu: GpuSpec | None, nproc: int) -> tuple[str, str]:
-    """parallel.strategy=auto with several ranks: (strategy, why). LoRA trains with DDP when the
-    replicated model fits the GPU: FSDP2 gathers every frozen weight again at every step, which DDP
-    never does. Full fine-tuning, HSDP, and runs with no GPU to plan against use FSDP2."""
+def auto_strategy(cfg: Config, gpu: GpuSpec | None, nproc: int) -> tuple[str, str, Plan | None]:
+    """parallel.strategy=auto with several ranks: (strategy, why, the DDP plan when one was made). LoRA
+    trains with DDP when the replicated model fits the GPU: FSDP2 gathers every frozen weight again at
+    every step, which DDP never does. Full fine-tuning, HSDP, and runs with no GPU to plan against use
+    FSDP2."""
     if cfg.model.training_type != "lora":
-        return "fsdp", "full fine-tuning: weights, gradients and optimizer state are sharded"
+        return "fsdp", "full fine-tuning: weights, gradients and optimizer state are sharded", None
     if cfg.parallel.replicate_degree > 1:
-        return "fsdp", f"parallel.replicate_degree={cfg.parallel.replicate_degree} (HSDP)"
+        return "fsdp", f"parallel.replicate_degree={cfg.parallel.replicate_degree} (HSDP)", None
     if gpu is None:
-        return "fsdp", "no GPU memory to plan DDP against"
+        return "fsdp", "no GPU memory to plan DDP against", None
     plan = make_plan(cfg, gpu, nproc, "ddp")
     peak, usable = _gb(plan.memory.peak(plan.policy)).strip(), _gb(plan.capacity_bytes).strip()
     if plan.fits:
         return "ddp", (f"LoRA and the replicated model fits (estimated peak {peak} of {usable} usable): DDP "
-                       "does not gather the frozen weights every step as FSDP2 does")
-    return "fsdp", f"LoRA, but the replicated model does not fit (estimated peak {peak}): sharded with FSDP2"
+                       "does not gather the frozen weights every step as FSDP2 does"), plan
+    return "fsdp", f"LoRA, but the replicated model does not fit (estimated peak {peak}): sharded with FSDP2", plan
+
+
+def check_run(cfg: Config, device: torch.device, nproc: int, strategy: str) -> tuple[str, list[str]]:
+    """Before any weight is loaded: `parallel.strategy: auto`'s choice (several ranks), then, on a GPU,
+    the fit check: raise when the config cannot fit. Returns (strategy, lines to print: the choice, a
+    warning when it fits only without headroom). Each plan is made once."""
+    gpu = this_gpu(device) if device.type == "cuda" else None
+    lines, plan = [], None
+    if cfg.parallel.strategy == "auto" and strategy == "fsdp":
+        strategy, why, plan = auto_strategy(cfg, gpu, nproc)
+        lines.append(f"parallel: auto chose {strategy}: {why}")
+    if gpu is None or not cfg.fast.fit_check:
+        return strategy, lines
+    if plan is None or plan.strategy != strategy:
+        plan = make_plan(cfg, gpu, nproc, strategy)
+    verdict, line = fit_verdict(cfg, plan)
+    if verdict == "too big":
+        raise ConfigError(line)
+    if verdict == "tight":
+        lines.append(f"fastcog: warning: {line}")
+    return strategy, lines

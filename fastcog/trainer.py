@@ -52,7 +52,7 @@ from fastcog.parallel import (
     init_distributed,
     resolve_strategy,
 )
-from fastcog.plan_report import auto_strategy, check_fit, this_gpu
+from fastcog.plan_report import check_run
 from fastcog.stop import Preempted, StopRequest, ignore_stop_signals_in_worker
 
 
@@ -225,13 +225,9 @@ def train(cfg: Config) -> RunSummary:
     check_fast_path(cfg, device)
     write_demo_data(cfg, world)
     variant, samples = check_inputs(cfg)
-    if cfg.parallel.strategy == "auto" and strategy == "fsdp":
-        strategy, why = auto_strategy(cfg, this_gpu(device) if device.type == "cuda" else None, world.world_size)
-        if world.is_main:
-            print(f"parallel: auto chose {strategy}: {why}")
-    warning = check_fit(cfg, device, world.world_size, strategy)
-    if warning and world.is_main:
-        print(f"fastcog: warning: {warning}")
+    strategy, lines = check_run(cfg, device, world.world_size, strategy)
+    if world.is_main:
+        print("\n".join(lines), end="\n" if lines else "")
     out, resume_path, record = prepare_output_dir(cfg, variant, world)
     seed_everything(cfg.train.seed)
 

@@ -143,7 +143,7 @@ def test_the_fit_check_stops_warns_or_passes(tiny_checkpoint, clips, tmp_path):
     margin = int(0.001 * 2**30)
 
     def verdict(memory: int) -> tuple[str, str]:
-        return fit_verdict(cfg, dataclasses.replace(gpu, memory_bytes=memory), 1, "none")
+        return fit_verdict(cfg, make_plan(cfg, dataclasses.replace(gpu, memory_bytes=memory)))
 
     assert verdict(peak + margin)[0] == "fits"
     kind, line = verdict(peak + margin // 2)
@@ -165,7 +165,7 @@ def test_auto_strategy_replicates_lora_when_it_fits(tiny_checkpoint, clips, tmp_
     peak = make_plan(cfg(), gpu_by_key("rtx4090"), 2, "ddp").memory.peak("none")
     roomy, small = (dataclasses.replace(gpu_by_key("rtx4090"), memory_bytes=m) for m in (peak, peak - 1))
     assert auto_strategy(cfg(), roomy, 2)[0] == "ddp"
-    strategy, why = auto_strategy(cfg(), small, 2)
+    strategy, why, _ = auto_strategy(cfg(), small, 2)
     assert strategy == "fsdp" and "does not fit" in why
     assert auto_strategy(cfg(model={"training_type": "sft"}), roomy, 2)[0] == "fsdp"
-    assert auto_strategy(cfg(), None, 2) == ("fsdp", "no GPU memory to plan DDP against")
+    assert auto_strategy(cfg(), None, 2) == ("fsdp", "no GPU memory to plan DDP against", None)

@@ -233,15 +233,11 @@ def planned_peak(cfg: Config, bench: Bench, policy: str) -> int:
     """The path's peak bytes by fastcog.plan, from a weightless copy of the bench's transformer built as
     the path builds it (what `fastcog plan` prints), beside the measured peak in the results."""
     import torch
-    from diffusers import CogVideoXTransformer3DModel
 
-    from fastcog.build import convert_fp8, make_trainable
     from fastcog.plan import memory_plan
+    from fastcog.plan_report import weightless_transformer
 
-    with torch.device("meta"):
-        model = CogVideoXTransformer3DModel(**bench.transformer_config)
-    model = make_trainable(model, cfg)
-    convert_fp8(model, cfg)
+    model = weightless_transformer(bench.transformer_config, cfg)
     return memory_plan(model, cfg, bench.video_tokens, 1, torch.device("meta"), for_gpu=True).peak(policy)
 
 
