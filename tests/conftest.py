@@ -88,7 +88,7 @@ def torchrun_data(tiny_checkpoint, clips, tmp_path_factory) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def background():
     """The thread that runs the suite's background launches one after another (tests/torchrun.py's
-    Background; see start_shared_launches_early)."""
+    Background; see start_common_launches_early)."""
     from tests.torchrun import Background
 
     runner = Background()
@@ -174,7 +174,7 @@ def low_bit_started(torchrun_data, background, tmp_path_factory):
     """test_distributed's torchao references (tests/distributed_runs.py's low_bit_references) in one
     process, with a fresh compile cache of their own, started: a launch of one rank (WORLD_SIZE 1, so
     `train` runs as in this process). Most of its time is compiling the optimizers' steps, on one
-    core, so it is queued in the background as the shared launches are. (folder of the runs, Future
+    core, so it is queued in the background as the common launches are. (folder of the runs, Future
     of the outcomes)."""
     from tests.distributed_runs import low_bit_references
 
@@ -194,8 +194,8 @@ def low_bit_references(low_bit_started) -> Path:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def start_shared_launches_early(request: pytest.FixtureRequest) -> None:
-    """A session that will use the shared torchrun launches starts them before its first test. They run
+def start_common_launches_early(request: pytest.FixtureRequest) -> None:
+    """A session that will use the common torchrun launches starts them before its first test. They run
     beside the tests before their first user, on the core those mostly leave idle: one at a time and
     at the lowest priority, as more slowed the tests down (measured: the Triton-interpreter kernel
     tests 4x slower beside all three at nice 10, the CLI subprocess tests 2.5x beside one at nice 10)."""
