@@ -224,8 +224,11 @@ def _offloaded(cls: type[torch.optim.Optimizer], params: list[torch.nn.Parameter
 
 
 def _leaf_tensors(t: torch.Tensor) -> list[torch.Tensor]:
-    """The plain tensors holding `t`'s data: a traceable tensor subclass (torchao's quantised optimizer
-    states: codes, scales, quantisation map) reports its inner tensors; its own nbytes is the fp32 size."""
+    """The plain tensors holding `t`'s data: a DTensor its local shard; a traceable tensor subclass
+    (torchao's quantised optimizer states: codes, scales, quantisation map) its inner tensors (its own
+    nbytes is the fp32 size)."""
+    if hasattr(t, "to_local"):
+        return _leaf_tensors(t.to_local())
     if type(t) is torch.Tensor or not hasattr(t, "__tensor_flatten__"):
         return [t]
     names, _ = t.__tensor_flatten__()
