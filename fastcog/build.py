@@ -138,9 +138,10 @@ def parallelize_model(transformer: torch.nn.Module, cfg: Config, device: torch.d
                                                                  shards, report)
 
     if f.compile:  # 5
-        for block in transformer.transformer_blocks:
-            block.compile(fullgraph=f.compile_fullgraph)
-            report.compiled_blocks += 1
+        from fastcog.fast.checkpointing import compile_blocks
+
+        compile_blocks(transformer, f.compile_fullgraph)
+        report.compiled_blocks = len(transformer.transformer_blocks)
         report.lines.append(f"compile: {report.compiled_blocks} blocks (fullgraph={f.compile_fullgraph})")
 
     param_dtype = mixed_precision_dtype(cfg.model.dtype)  # 6
@@ -175,7 +176,7 @@ def apply_checkpointing_policy(transformer: torch.nn.Module, cfg: Config, device
         # weights are on the device whole now, and the plan counts this rank's share of them.
         weights = sum(t.nbytes for t in [*transformer.parameters(), *transformer.buffers()] if t.device == device)
         capacity = total - margin - (in_use - weights)
-        policy = plan.choose_policy(capacity)
+        policy = plan.choose_policy(capacity, offload=device.type != "cpu")
         report.lines.append(
             f"activation checkpointing: auto chose {policy}; estimated peak "
             + ", ".join(f"{p} {_size(plan.peak(p))}" for p in ac.POLICIES)
@@ -219,6 +220,8 @@ def module_summary(transformer: torch.nn.Module) -> list[str]:
 
     Two models built from one config give the same summary whatever built them.
     """
+    from fastcog.fast.checkpointing import is_compiled
+
     lines = []
     for name, module in transformer.named_modules():
         line = f"{name or '<root>'}: {type(module).__name__}"
@@ -228,7 +231,7 @@ def module_summary(transformer: torch.nn.Module) -> list[str]:
             line += f" checkpoint={module._fastcog_checkpoint}"
         if getattr(module, "gradient_checkpointing", False):
             line += " diffusers_checkpointing"
-        if getattr(module, "_compiled_call_impl", None) is not None:
+        if is_compiled(module):
             line += " compiled"
         if "forward" in vars(module):  # an instance-level forward: the fused LoRA or a checkpoint wrapper
             line += " patched_forward"

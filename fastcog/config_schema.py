@@ -176,11 +176,13 @@ class TrainConfig:
     """A step whose loss or gradient norm is NaN or inf is skipped (weights and optimizer state
     unchanged; it still counts as a step) and reported; this many in a row stop the run with an
     error. fp16's loss scaler skips overflowing gradients itself; only its non-finite losses count."""
-    activation_checkpointing: Literal["none", "full", "selective", "auto"] = "full"
+    activation_checkpointing: Literal["none", "full", "selective", "offload", "auto"] = "full"
     """Which activations each transformer block keeps for backward:
     `full` recompute the whole block in backward (the reference's gradient checkpointing);
     `none` keep everything (fastest, most memory);
     `selective` keep attention outputs and their log-sum-exp, recompute linears and pointwise ops;
+    `offload` as `full`, with each block's inputs kept in host memory instead of on the GPU
+    (the least GPU memory: no activations stay on it between blocks);
     `auto` the fastest of these whose estimated memory fits (device memory - fast.memory_margin_gb),
     with a log line giving the choice and the estimate."""
 

@@ -80,9 +80,10 @@ def executed_flops_per_sample(transformer_config: Any, video_tokens: int, lora_r
                               lora_targets: tuple[str, ...] = (), full_finetune: bool = False,
                               policy: str = "none") -> float:
     """Model FLOPs plus what activation checkpointing recomputes in backward: the whole forward
-    (`full`), or the forward but attention (`selective`)."""
+    (`full`, `offload`), or the forward but attention (`selective`)."""
     f = forward_flops(transformer_config, video_tokens, lora_rank, lora_targets)
-    recompute = {"none": 0.0, "selective": f.linear + f.lora, "full": f.linear + f.attention + f.lora}[policy]
+    whole = f.linear + f.attention + f.lora
+    recompute = {"none": 0.0, "selective": f.linear + f.lora, "full": whole, "offload": whole}[policy]
     return transformer_flops_per_sample(transformer_config, video_tokens, lora_rank, lora_targets,
                                         full_finetune) + recompute
 

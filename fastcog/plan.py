@@ -54,9 +54,10 @@ class MemoryPlan:
         """The step's estimated peak under `policy` (backward's transient block included)."""
         return self.static_bytes + self.activations.peak(policy)
 
-    def choose_policy(self, capacity_bytes: int) -> str:
-        """The fastest checkpointing policy whose peak fits in `capacity_bytes` (full when none does)."""
-        return ac.choose_policy(self.activations, capacity_bytes - self.static_bytes)
+    def choose_policy(self, capacity_bytes: int, offload: bool = True) -> str:
+        """The fastest checkpointing policy whose peak fits in `capacity_bytes` (the one that needs
+        the least when none does); offload=False when the device is the host."""
+        return ac.choose_policy(self.activations, capacity_bytes - self.static_bytes, offload)
 
 
 @contextmanager

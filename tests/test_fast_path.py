@@ -60,7 +60,7 @@ POLICY_CASES = {
     "full": ({"attention": "sdpa"}, "full"),
     "selective": ({"attention": "sdpa"}, "selective"),
     "auto": ({"attention": "sdpa"}, "auto"),
-    "compile-none": ({"compile": True}, "none"),
+    "compile-offload": ({"attention": "sdpa", "compile": True}, "offload"),
     "compile-selective": ({"attention": "sdpa", "compile": True}, "selective"),
     "kernels-compile-full": ({**KERNELS, "compile": True}, "full"),
 }
@@ -93,14 +93,20 @@ def reference(tiny_checkpoint, clips, tmp_path_factory):
 
 
 def compile_with(monkeypatch: pytest.MonkeyPatch, backend: str) -> None:
-    """fast.compile's `block.compile(...)` uses `backend` (fastcog leaves torch.compile's default, inductor)."""
-    original = torch.nn.Module.compile
+    """fast.compile's `block.compile(...)`, and `torch.compile(...)` of the block's forward under
+    offload, use `backend` (fastcog leaves torch.compile's default, inductor)."""
+    module_compile, function_compile = torch.nn.Module.compile, torch.compile
 
     def compile(self, *args, **kwargs):
         kwargs.setdefault("backend", backend)
-        return original(self, *args, **kwargs)
+        return module_compile(self, *args, **kwargs)
+
+    def compile_function(*args, **kwargs):
+        kwargs.setdefault("backend", backend)
+        return function_compile(*args, **kwargs)
 
     monkeypatch.setattr(torch.nn.Module, "compile", compile)
+    monkeypatch.setattr(torch, "compile", compile_function)
     torch._dynamo.reset()
 
 

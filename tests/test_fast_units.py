@@ -84,7 +84,7 @@ class CountAttention(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("policy,attention_runs", [("none", 1), ("selective", 1), ("full", 2)])
+@pytest.mark.parametrize("policy,attention_runs", [("none", 1), ("selective", 1), ("full", 2), ("offload", 2)])
 def test_checkpointing_policy_decides_whether_attention_is_recomputed(model_path, policy, attention_runs):
     model, _ = patched_model(model_path, {"attention": "sdpa"}, policy)
     block = model.transformer_blocks[0]
@@ -95,16 +95,26 @@ def test_checkpointing_policy_decides_whether_attention_is_recomputed(model_path
     assert count.calls == attention_runs
 
 
-def test_checkpointed_block_gives_the_same_gradients(model_path):
-    grads = {}
-    for policy in ("none", "selective", "full"):
+def test_checkpointed_block_gives_the_same_gradients(model_path, monkeypatch):
+    """Every policy gives `none`'s gradients bit for bit; `offload` copies exactly the block's saved
+    inputs (the estimate's saved_inputs) to the host and brings each back once."""
+    grads, host, back = {}, [], []
+    copy_out, copy_in = ac.host_copy, ac.device_copy
+    monkeypatch.setattr(ac, "host_copy", lambda t: host.append(t.nbytes) or copy_out(t))
+    monkeypatch.setattr(ac, "device_copy", lambda p: back.append(p[1].nbytes) or copy_in(p))
+    for policy in ac.POLICIES:
         model, _ = patched_model(model_path, {"attention": "sdpa"}, policy)
         inputs = block_inputs(model)
         out, enc = model.transformer_blocks[0](**inputs)
         (out.square().sum() + enc.square().sum()).backward()
-        grads[policy] = inputs["hidden_states"].grad
-    torch.testing.assert_close(grads["selective"], grads["none"], rtol=0, atol=0)
-    torch.testing.assert_close(grads["full"], grads["none"], rtol=0, atol=0)
+        grads[policy] = (inputs["hidden_states"].grad, inputs["encoder_hidden_states"].grad,
+                         [p.grad for p in model.transformer_blocks[0].parameters() if p.requires_grad])
+    for policy in ("selective", "full", "offload"):
+        torch.testing.assert_close(grads[policy], grads["none"], rtol=0, atol=0)
+    plain, _ = patched_model(model_path, {"attention": "sdpa"})
+    estimate = ac.estimate_block_activations(plain, 1, TOKENS, torch.float32, torch.device("cpu"))
+    assert sum(host) == estimate.saved_inputs > estimate.full
+    assert sorted(back) == sorted(host)
 
 
 def test_fake_estimate_equals_what_autograd_really_saves(model_path):
@@ -137,7 +147,10 @@ def test_choose_policy_takes_the_fastest_that_fits():
     assert ac.choose_policy(e, 400) == "none"
     assert ac.choose_policy(e, 399) == "selective"
     assert ac.choose_policy(e, 219) == "full"
-    assert ac.choose_policy(e, 1) == "full"  # nothing fits: the least memory
+    assert e.peak("offload") == 110  # one block's inputs and its full set, on the device
+    assert ac.choose_policy(e, 139) == "offload"
+    assert ac.choose_policy(e, 1) == "offload"  # nothing fits: the least memory
+    assert ac.choose_policy(e, 139, offload=False) == ac.choose_policy(e, 1, offload=False) == "full"
 
 
 def test_auto_logs_its_choice_and_estimate(model_path):

@@ -16,7 +16,7 @@ def uses_fastcog_blocks(cfg: Config) -> bool:
     """Whether any switch changes the blocks (otherwise diffusers' own checkpointing is used)."""
     f = cfg.fast
     return (f.lora_kernel or f.attention != "reference" or f.compile or f.fp8 != "none" or f.fp8_weight_storage
-            or cfg.train.activation_checkpointing in ("selective", "auto"))
+            or cfg.train.activation_checkpointing in ("selective", "offload", "auto"))
 
 
 def check_kernels_can_run(device: torch.device, what: str) -> None:

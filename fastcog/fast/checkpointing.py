@@ -10,7 +10,13 @@ H heads; bytes in the compute dtype):
 * `selective`: the block's inputs plus the attention outputs [B, H, S, hd] and their
   log-sum-exp [B, H, S] (fp32): in backward the linears and pointwise ops are recomputed
   but attention, the most expensive op (about 60% of the FLOPs, docs/design.md), is not.
-* `auto`: the fastest policy (none, then selective, then full) whose estimated peak fits in
+* `offload`: `full`, with the block's saved inputs copied to host memory (pinned on a GPU host)
+  as the forward goes and brought back when the block is recomputed, so the device holds no
+  activations between blocks: one block's inputs and its full set while it is recomputed. The
+  copies are asynchronous, on the compute stream; each block's [B, S, D] bf16 inputs are a few
+  ms over PCIe against a block step of tens of ms at 49x480x720 (estimated from the FLOPs, not
+  measured).
+* `auto`: the fastest policy (none, selective, full, then offload) whose estimated peak fits in
   the device's memory minus `fast.memory_margin_gb` and what else is allocated there; the
   peak is fastcog.plan's (weights, gradients, optimizer state and these activations), the
   same estimate `fastcog plan` prints.
@@ -23,6 +29,7 @@ block (one compiled graph reused by all blocks rather than a recompile per block
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import types
 from dataclasses import dataclass
@@ -32,7 +39,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 
 from fastcog.fast.attention import ATTENTION_OPS
 
-POLICIES = ("none", "selective", "full")  # fastest first
+POLICIES = ("none", "selective", "full", "offload")  # fastest first
 
 
 def _keep_attention(ctx, op, *args, **kwargs) -> CheckpointPolicy:
@@ -42,17 +49,40 @@ def _keep_attention(ctx, op, *args, **kwargs) -> CheckpointPolicy:
 _SELECTIVE_CONTEXT = functools.partial(create_selective_checkpoint_contexts, _keep_attention)
 
 
+def host_copy(t: torch.Tensor) -> tuple[torch.device, torch.Tensor]:
+    """Pack hook of `offload`: a copy of `t` in host memory (a copy even on a CPU device, so the
+    original is released either way), and where it came from."""
+    host = torch.empty(t.size(), dtype=t.dtype, layout=t.layout, pin_memory=t.is_cuda)
+    host.copy_(t, non_blocking=t.is_cuda)
+    return t.device, host
+
+
+def device_copy(packed: tuple[torch.device, torch.Tensor]) -> torch.Tensor:
+    """Unpack hook of `offload`: the saved tensor back on its device."""
+    device, host = packed
+    return host.to(device, non_blocking=True)
+
+
 def _checkpointed_forward(self, *args, **kwargs):
     forward = self._fastcog_block_forward
     if not torch.is_grad_enabled():
         return forward(self, *args, **kwargs)
     if self._fastcog_checkpoint == "selective":
         return checkpoint(forward, self, *args, use_reentrant=False, context_fn=_SELECTIVE_CONTEXT, **kwargs)
+    if self._fastcog_checkpoint == "offload":
+        # The non-reentrant checkpoint saves its positional tensor inputs with save_for_backward,
+        # outside its own discarding hooks, so these hooks see exactly them; keyword arguments it
+        # keeps as they are, so the block's arguments (diffusers passes keywords) go positionally.
+        # Everything the block saves inside is dropped and recomputed as under `full`. The RoPE
+        # tables travel in a tuple, which is kept as it is: shared by all blocks, they stay put.
+        bound = self._fastcog_signature.bind(self, *args, **kwargs)
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: host_copy(t), lambda p: device_copy(p)):
+            return checkpoint(forward, *bound.args, use_reentrant=False, **bound.kwargs)
     return checkpoint(forward, self, *args, use_reentrant=False, **kwargs)
 
 
 def apply_checkpointing(transformer: torch.nn.Module, policy: str) -> None:
-    """Wrap every block's forward with `policy` (full or selective); none leaves them alone."""
+    """Wrap every block's forward with `policy` (full, selective or offload); none leaves them alone."""
     if policy not in POLICIES:
         raise ValueError(f"unknown checkpointing policy {policy!r}")
     if policy == "none":
@@ -61,7 +91,27 @@ def apply_checkpointing(transformer: torch.nn.Module, policy: str) -> None:
         block._fastcog_checkpoint = policy
         # The class's forward as a plain function attribute: dynamo cannot trace `type(self).forward`.
         block._fastcog_block_forward = type(block).forward
+        block._fastcog_signature = inspect.signature(type(block).forward)
         block.forward = types.MethodType(_checkpointed_forward, block)
+
+
+def compile_blocks(transformer: torch.nn.Module, fullgraph: bool) -> None:
+    """torch.compile each block (fast.compile). Under `offload` only the block's own forward is
+    compiled, once for all blocks, and the checkpoint wrapper stays eager around it: dynamo cannot
+    trace saved-tensor hooks (with fullgraph it fails, without it the block splits in pieces)."""
+    blocks = transformer.transformer_blocks
+    if blocks and getattr(blocks[0], "_fastcog_checkpoint", None) == "offload":
+        compiled = torch.compile(blocks[0]._fastcog_block_forward, fullgraph=fullgraph)
+        for block in blocks:
+            block._fastcog_block_forward = compiled
+        return
+    for block in blocks:
+        block.compile(fullgraph=fullgraph)
+
+
+def is_compiled(block: torch.nn.Module) -> bool:
+    return (getattr(block, "_compiled_call_impl", None) is not None
+            or hasattr(getattr(block, "_fastcog_block_forward", None), "_torchdynamo_orig_callable"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -77,12 +127,22 @@ class ActivationEstimate:
     full: int
     selective: int
     blocks: int
+    saved_inputs: int = 0
+    """The tensor inputs a checkpointed block saves (its two streams and temb; the RoPE tables are
+    shared by all blocks): what `offload` keeps in host memory per block."""
 
     def peak(self, policy: str) -> int:
-        """Saved activations of every block, plus one block's full set while it is recomputed
-        and differentiated (for full / selective)."""
+        """Device bytes: saved activations of every block, plus one block's full set while it is
+        recomputed and differentiated (for full / selective / offload; offload keeps only that
+        block's inputs, brought back from the host)."""
+        if policy == "offload":
+            return self.full + self.none
         per_block = getattr(self, policy)
         return self.blocks * per_block + (self.none if policy != "none" else 0)
+
+    def host_bytes(self, policy: str) -> int:
+        """Host memory the policy holds at the end of the forward (offload only)."""
+        return self.blocks * self.saved_inputs if policy == "offload" else 0
 
 
 def _block_inputs(transformer: torch.nn.Module, batch: int, tokens: int, dtype: torch.dtype,
@@ -150,7 +210,8 @@ def estimate_block_activations(transformer: torch.nn.Module, batch: int, tokens:
     input_bytes = inputs["hidden_states"].nbytes + inputs["encoder_hidden_states"].nbytes
     none = sum(saved.values())
     return ActivationEstimate(none=none, full=input_bytes, selective=input_bytes + attention_bytes,
-                              blocks=len(transformer.transformer_blocks))
+                              blocks=len(transformer.transformer_blocks),
+                              saved_inputs=input_bytes + inputs["temb"].nbytes)
 
 
 def device_memory(device: torch.device) -> tuple[int, int, str]:
@@ -167,9 +228,11 @@ def device_memory(device: torch.device) -> tuple[int, int, str]:
     return total, used, f"{where}: {total / 2**30:.1f} GiB total, {used / 2**30:.1f} GiB in use"
 
 
-def choose_policy(estimate: ActivationEstimate, budget_bytes: int) -> str:
-    """The fastest policy whose peak fits (full when none does: it needs the least)."""
-    for policy in POLICIES:
+def choose_policy(estimate: ActivationEstimate, budget_bytes: int, offload: bool = True) -> str:
+    """The fastest policy whose peak fits; the one that needs the least when none does.
+    offload=False leaves `offload` out: on a CPU device the host is the device, and it saves nothing."""
+    candidates = POLICIES if offload else tuple(p for p in POLICIES if p != "offload")
+    for policy in candidates:
         if estimate.peak(policy) <= budget_bytes:
             return policy
-    return "full"
+    return candidates[-1]
