@@ -33,7 +33,11 @@ docs/design.md (fastcog.flops.transformer_flops_per_sample: recompute not counte
 every path, so TFLOP/s ratios equal speedups; MFU divides by the GPU's dense bf16 peak from
 fastcog.flops' table. Peak memory is torch.cuda's max allocated / reserved, reset after the
 path's model is built (so it is the training peak, weights included); it is not measured on CPU.
-Speedup = reference p50 / path p50.
+Speedup = reference p50 / path p50. Beside the measured peak and p50, each path records its plan
+(fastcog.plan_report.make_plan for that path's config, architecture, shape and policy, made once):
+the estimated peak (fastcog paths) and, on a GPU of fastcog.gpus, the step-time lower bound (the
+executed FLOPs at the datasheet peak), each with its ratio to the measured value; on CPU the step
+time is null with the reason.
 
 Parity. Per step, the loss and the pre-clip gradient norm of each path against the reference:
 |x - x_ref| and |x - x_ref| / |x_ref|. A path passes when both are within the relative tolerance

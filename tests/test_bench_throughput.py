@@ -96,12 +96,38 @@ def test_json_holds_every_field(cpu_run):
     # weights are not what the plan models); nothing to compare with on CPU.
     assert ref["metrics"]["planned_peak_gb"] is None
     assert fast["metrics"]["planned_peak_gb"] > 0 and fast["metrics"]["planned_over_measured"] is None
+    # The plan's step time is a GPU datasheet bound: none on CPU, for every path, with the reason.
+    for p in r["paths"]:
+        m = p["metrics"]
+        assert m["planned_step_time_s"] is None and m["planned_step_time_over_measured"] is None, p["name"]
+        assert m["planned_step_time_note"].startswith("CPU run:"), p["name"]
     assert ref["config"]["fast"]["lora_kernel"] is False and ref["frozen_weights_dtype"] == "fp32"
     assert fast["switches"] and fast["status"] == "ok"
     assert r["speedup"] == pytest.approx(ref["metrics"]["step_time_s"]["p50"] / fast["metrics"]["step_time_s"]["p50"])
     assert r["targets"]["applicable"] is False and r["targets"]["not_applicable_because"] == "CPU run"
     png = Path(r["plot"])
     assert png.parent == out and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_plan_gives_a_step_time_on_a_known_gpu(bench_module, cpu_run):
+    """The GPU side of the plan on this machine: the fastcog path's recorded config and architecture, planned
+    for an H100, give the plan's step-time bound (the same plan's peak is the one the CPU run recorded)."""
+    from throughput_lib.planned import path_plan, step_time_estimate
+
+    from fastcog.config import config_from_dict
+    from fastcog.gpus import gpu_by_key
+
+    _, _, r = cpu_run
+    fast = r["paths"][1]
+    gpu = gpu_by_key("h100-80gb")
+    plan = path_plan(config_from_dict(fast["config"]), r["setup"]["transformer_config"],
+                     fast["patches"]["activation_checkpointing"], gpu)
+    seconds, note = step_time_estimate(plan, gpu)
+    assert plan.tokens_per_sample == r["setup"]["video_tokens_per_sample"]  # the bench's shape, not a bucket
+    assert seconds == plan.step_time_lower_bound_s > 0
+    assert seconds == pytest.approx(plan.executed_flops_per_step / gpu.bf16_flops)  # no FP8 on the CPU setting
+    assert "h100-80gb" in note and "lower bound" in note
+    assert plan.memory.peak(plan.policy) / 1e9 == pytest.approx(fast["metrics"]["planned_peak_gb"])
 
 
 def test_parity_verdict_follows_from_the_recorded_values(cpu_run):

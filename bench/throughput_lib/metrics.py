@@ -57,6 +57,11 @@ def path_metrics(res: PathResult, bench: Bench, ref: PathResult | None) -> dict[
         "planned_peak_gb": res.planned_peak_gb,
         "planned_over_measured": (res.planned_peak_gb / res.peak_allocated_gb
                                   if res.planned_peak_gb and res.peak_allocated_gb else None),
+        "planned_step_time_s": res.planned_step_time_s,
+        # A lower bound over the measured p50: the fraction of the datasheet peak the executed FLOPs reach.
+        "planned_step_time_over_measured": (res.planned_step_time_s / p50
+                                            if res.planned_step_time_s is not None else None),
+        "planned_step_time_note": res.planned_step_time_note,
         "speedup_vs_reference": percentile(ref.step_times, 50) / p50 if ref and ref.ok and ref.step_times else None,
     }
 

@@ -18,6 +18,7 @@ import yaml
 
 from .config import PARAMETER_FIELDS, reference_config
 from .models import quiet_to
+from .planned import device_gpu, path_plan, step_time_estimate
 
 if TYPE_CHECKING:
     import torch
@@ -120,6 +121,10 @@ class PathResult:
     planned_peak_gb: float | None = None
     """fastcog.plan's estimate for this path on a GPU (fastcog paths; the reference path keeps fp32
     frozen weights, which the plan does not model)."""
+    planned_step_time_s: float | None = None
+    """The same plan's step-time lower bound on this GPU (every path: the FLOPs do not depend on how the
+    frozen weights are stored); None on CPU or an unknown GPU, planned_step_time_note says why."""
+    planned_step_time_note: str | None = None
     patch_report: dict[str, Any] = field(default_factory=dict)
     final_lora: dict[str, torch.Tensor] | None = None
     lora_divergence: dict[str, float | None] | None = None
@@ -229,18 +234,6 @@ def build_fastcog(model: Any, params: list, cfg: Config, bench: Bench) -> tuple[
     return objective, optimizer, lr_scheduler, report
 
 
-def planned_peak(cfg: Config, bench: Bench, policy: str) -> int:
-    """The path's peak bytes by fastcog.plan, from a weightless copy of the bench's transformer built as
-    the path builds it (what `fastcog plan` prints), beside the measured peak in the results."""
-    import torch
-
-    from fastcog.plan import memory_plan
-    from fastcog.plan_report import weightless_transformer
-
-    model = weightless_transformer(bench.transformer_config, cfg)
-    return memory_plan(model, cfg, bench.video_tokens, 1, torch.device("meta"), for_gpu=True).peak(policy)
-
-
 def train_step(model: Any, params: list, objective: Any, optimizer: Any, lr_scheduler: Any, scaler: Any,
                batch: dict, cfg: Config) -> tuple[float, float]:
     """The one step every path runs: forward (the objective autocasts the transformer forward only),
@@ -271,8 +264,7 @@ def _run_path(spec: PathSpec, bench: Bench, res: PathResult) -> None:
     t0 = time.perf_counter()
     model, params, objective, optimizer, lr_scheduler, scaler, res.patch_report = build_path(spec, bench)
     res.build_s = time.perf_counter() - t0
-    if spec.role != "reference":
-        res.planned_peak_gb = planned_peak(spec.cfg, bench, res.patch_report["activation_checkpointing"]) / 1e9
+    record_plan(spec, bench, res)
     for line in res.patch_report.get("lines", []):
         print(f"[{spec.name}] {line}", file=sys.stderr, flush=True)
     if bench.device.type == "cuda":  # the training peak, resident weights included; build transients not
@@ -294,6 +286,18 @@ def _run_path(spec: PathSpec, bench: Bench, res: PathResult) -> None:
         res.peak_reserved_gb = torch.cuda.max_memory_reserved(bench.device) / 1e9
     res.final_lora = lora_state(model)
     res.status = "ok"
+
+
+def record_plan(spec: PathSpec, bench: Bench, res: PathResult) -> None:
+    """The path's plan, made once: its peak (fastcog paths) and its step-time bound beside the measured ones."""
+    # The reference's report describes diffusers' checkpointing in words; its config says "full".
+    policy = spec.cfg.train.activation_checkpointing if spec.role == "reference" else \
+        res.patch_report["activation_checkpointing"]
+    gpu = device_gpu(bench.device)
+    plan = path_plan(spec.cfg, bench.transformer_config, policy, gpu)
+    if spec.role != "reference":
+        res.planned_peak_gb = plan.memory.peak(plan.policy) / 1e9
+    res.planned_step_time_s, res.planned_step_time_note = step_time_estimate(plan, gpu)
 
 
 def run_path(spec: PathSpec, bench: Bench) -> PathResult:

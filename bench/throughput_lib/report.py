@@ -179,6 +179,11 @@ def _fmt(value: Any, spec: str = ".3g", none: str = "-") -> str:
     return format(value, spec)
 
 
+def _planned(value: float | None, ratio: float | None, spec: str, none: str = "-") -> str:
+    """An estimate and, on a GPU, its ratio to the measured value: "0.8512 (0.41x)"."""
+    return _fmt(value, spec, none) + (f" ({ratio:.2f}x)" if ratio is not None else "")
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     s, hw, v, git = report["setup"], report["hardware"], report["versions"], report["git"]
     cpu = report["cpu_run"]
@@ -201,9 +206,11 @@ def render_markdown(report: dict[str, Any]) -> str:
     if s["fast_only_overrides"]:
         lines.append(f"- **fastcog path only: {' '.join(s['fast_only_overrides'])}: not a like-for-like comparison**")
     lines += ["", "| path | switches on | status | p50 s | p10 s | p90 s | samples/s | video tok/s | TFLOP/s | MFU "
-              "| peak alloc GB | peak rsvd GB | warm-up s | speedup | parity (max rel diff) |",
-              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+              "| peak alloc GB | peak rsvd GB | plan peak GB | plan step s | warm-up s | speedup | "
+              "parity (max rel diff) |",
+              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     mem_none = "n/m (CPU)" if cpu else "-"
+    step_none = "n/a (CPU)" if cpu else "-"
     for p in report["paths"]:
         m = p["metrics"]
         st = m.get("step_time_s", {})
@@ -217,10 +224,16 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"{_fmt(m.get('video_tokens_per_s'), '.4g')} | {_fmt(m.get('model_tflops_per_s'))} | "
             f"{_fmt(m.get('mfu'), '.1%', 'n/a' if cpu else '-')} | "
             f"{_fmt(m.get('peak_memory_allocated_gb'), '.2f', mem_none)} | "
-            f"{_fmt(m.get('peak_memory_reserved_gb'), '.2f', mem_none)} | {_fmt(m.get('compile_warmup_s'), '.2f')} | "
+            f"{_fmt(m.get('peak_memory_reserved_gb'), '.2f', mem_none)} | "
+            f"{_planned(m.get('planned_peak_gb'), m.get('planned_over_measured'), '.3g')} | "
+            f"{_planned(m.get('planned_step_time_s'), m.get('planned_step_time_over_measured'), '.4f', step_none)} | "
+            f"{_fmt(m.get('compile_warmup_s'), '.2f')} | "
             f"{_fmt(m.get('speedup_vs_reference'), '.2f')}{'x' if m.get('speedup_vs_reference') else ''} | {par_s} |")
     lines += ["", "p10 / p50 / p90 over the timed steps, device-synchronised; throughput from p50; warm-up s = the "
-              "warm-up steps' time minus as many p50 steps (compile, autotune); speedup = reference p50 / path p50."]
+              "warm-up steps' time minus as many p50 steps (compile, autotune); speedup = reference p50 / path p50. "
+              "plan peak / plan step: fastcog.plan's estimates for the path (peak for the fastcog paths only: the "
+              "reference's fp32 frozen weights are not what it models; step: the executed FLOPs at the GPU's "
+              "datasheet peak, a lower bound), in brackets over the measured peak allocated / p50."]
     par = report["parity"]
     if par:
         lines += ["", f"Parity, fastcog vs reference: loss and pre-clip gradient norm, every step within rtol "

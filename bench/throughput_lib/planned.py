@@ -1,0 +1,60 @@
+"""fastcog.plan_report's plan of a path as it ran, made once per path: its estimated peak and its step-time
+lower bound, recorded beside the measured peak and step time."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    from fastcog.config import Config
+    from fastcog.gpus import GpuSpec
+    from fastcog.plan_report import Plan
+
+CPU_REASON = "CPU run: the plan's step time is the executed FLOPs at a GPU's datasheet rate (fastcog.gpus)"
+
+
+def device_gpu(device: torch.device) -> GpuSpec | None:
+    """The device's fastcog.gpus entry with its real memory (a bare one without rates for an unknown GPU);
+    None on CPU."""
+    from fastcog.plan_report import this_gpu
+
+    return this_gpu(device) if device.type == "cuda" else None
+
+
+def path_plan(cfg: Config, transformer_config: dict[str, Any], policy: str, gpu: GpuSpec | None) -> Plan:
+    """make_plan for one path as the benchmark runs it: the bench's architecture (tiny, a checkpoint's or the
+    variant's), its one shape, one micro-batch per optimizer step, the checkpointing policy the path applied.
+    Without a GPU the plan is made against a stand-in with no rates: its memory holds, its step time is NaN."""
+    from fastcog.gpus import GpuSpec
+    from fastcog.plan_report import make_plan
+
+    if gpu is None:
+        gpu = GpuSpec("none", "no GPU", 0, math.nan, None, math.nan, "CPU run: no datasheet rates")
+    run = dataclasses.replace(
+        cfg, data=dataclasses.replace(cfg.data, buckets=()),
+        train=dataclasses.replace(cfg.train, activation_checkpointing=policy, gradient_accumulation_steps=1))
+    # make_plan reads the architecture from model.path's transformer/config.json; the bench's may be tiny or a
+    # checkpoint's, so it goes there rather than a second Plan being assembled here from make_plan's pieces.
+    with tempfile.TemporaryDirectory(prefix="fastcog-bench-plan-") as folder:
+        (Path(folder) / "transformer").mkdir()
+        (Path(folder) / "transformer" / "config.json").write_text(json.dumps(transformer_config))
+        return make_plan(dataclasses.replace(run, model=dataclasses.replace(run.model, path=folder)), gpu)
+
+
+def step_time_estimate(plan: Plan, gpu: GpuSpec | None) -> tuple[float | None, str]:
+    """(the plan's step-time lower bound in seconds, what it is) or (None, why there is none)."""
+    if gpu is None:
+        return None, CPU_REASON
+    bound = plan.step_time_lower_bound_s
+    if not math.isfinite(bound):
+        return None, f"{gpu.device_name} has no entry in fastcog.gpus: no datasheet rate to divide by"
+    fp8 = f", FP8 {gpu.fp8_flops / 1e12:.0f} for the FP8 GEMMs" if plan.fp8_flops_per_step and gpu.fp8_flops else ""
+    return bound, (f"lower bound: {plan.executed_flops_per_step / 1e12:.4g} TFLOP executed ({plan.policy} "
+                   f"recompute) at the {gpu.key} datasheet peak, bf16 {gpu.bf16_flops / 1e12:.0f} TFLOP/s{fp8}")
