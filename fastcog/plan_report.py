@@ -112,13 +112,14 @@ def weightless_transformer(transformer_config: dict[str, Any], cfg: Config) -> t
     return transformer
 
 
-def make_plan(cfg: Config, gpu: GpuSpec, nproc: int = 1, strategy: str = "fsdp", variant_name: str | None = None
-              ) -> Plan:
-    """The plan of `cfg` on `nproc` GPUs of kind `gpu` (strategy fsdp or ddp when nproc > 1)."""
+def make_plan(cfg: Config, gpu: GpuSpec, nproc: int = 1, strategy: str = "fsdp", variant_name: str | None = None,
+              transformer_config: dict[str, Any] | None = None) -> Plan:
+    """The plan of `cfg` on `nproc` GPUs of kind `gpu` (strategy fsdp or ddp when nproc > 1), for the
+    architecture `transformer_config` when given (else `architecture(cfg, variant_name)`)."""
     from fastcog.flops import executed_flops_per_sample, forward_flops, transformer_flops_per_sample
     from fastcog.variants import detect_variant
 
-    transformer = weightless_transformer(architecture(cfg, variant_name), cfg)
+    transformer = weightless_transformer(transformer_config or architecture(cfg, variant_name), cfg)
     variant = detect_variant(dict(transformer.config))
     tokens = largest_bucket_tokens(cfg, variant)
     shards = nproc // cfg.parallel.replicate_degree if nproc > 1 and strategy == "fsdp" else 1

@@ -4,10 +4,7 @@ lower bound, recorded beside the measured peak and step time."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import tempfile
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -40,12 +37,7 @@ def path_plan(cfg: Config, transformer_config: dict[str, Any], policy: str, gpu:
     run = dataclasses.replace(
         cfg, data=dataclasses.replace(cfg.data, buckets=()),
         train=dataclasses.replace(cfg.train, activation_checkpointing=policy, gradient_accumulation_steps=1))
-    # make_plan reads the architecture from model.path's transformer/config.json; the bench's may be tiny or a
-    # checkpoint's, so it goes there rather than a second Plan being assembled here from make_plan's pieces.
-    with tempfile.TemporaryDirectory(prefix="fastcog-bench-plan-") as folder:
-        (Path(folder) / "transformer").mkdir()
-        (Path(folder) / "transformer" / "config.json").write_text(json.dumps(transformer_config))
-        return make_plan(dataclasses.replace(run, model=dataclasses.replace(run.model, path=folder)), gpu)
+    return make_plan(run, gpu, transformer_config=transformer_config)
 
 
 def step_time_estimate(plan: Plan, gpu: GpuSpec | None) -> tuple[float | None, str]:
