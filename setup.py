@@ -1,10 +1,18 @@
+import re
+from pathlib import Path
+
 from setuptools import setup
+
+# The version's one home is fastcog/__init__.py (`fastcog --version` prints it); read as text, since
+# importing the package at build time would need its dependencies installed first.
+VERSION = re.search(r'^__version__ = "([^"]+)"', (Path(__file__).parent / "fastcog" / "__init__.py").read_text(),
+                    re.M).group(1)
 
 # kernels/ is shipped as fastcog.kernels: a top-level package called `kernels` would
 # collide with the PyPI package of that name, which diffusers and transformers probe for.
 setup(
     name="fastcog",
-    version="0.1.0",
+    version=VERSION,
     description="Fast, trustworthy LoRA / full fine-tuning for CogVideoX video diffusion models",
     python_requires=">=3.10",
     packages=["fastcog", "fastcog.data", "fastcog.kernels"],

@@ -263,7 +263,10 @@ class LogConfig:
     tracker_name: str = "fastcog"
     """wandb project / tensorboard run name."""
     progress_bar: bool = True
-    """Show a tqdm bar (loss, lr, grad_norm, it/s)."""
+    """Show a tqdm bar (loss, lr, grad_norm, it/s); when stderr is not a terminal (a SLURM log), a line
+    every ~5% of the run instead."""
+    plot: bool = True
+    """Draw metrics.jsonl to `metrics.png` in the output dir at the end of the run (as `fastcog plot`)."""
 
 
 @dataclass(frozen=True)

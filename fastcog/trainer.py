@@ -19,13 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
+from fastcog.banner import RunStart, banner, split_plan_lines
 from fastcog.build import build_training_model, seed_everything
 from fastcog.checkpoint import Checkpointer, TrainState, load_checkpoint
 from fastcog.config import Config, to_dict
 from fastcog.data.buckets import BucketBatchSampler
 from fastcog.data.cache import CachedDataset
+from fastcog.data.prepare import buckets_for
 from fastcog.errors import FastcogError
 from fastcog.export import export_weights
 from fastcog.fast import check_fast_path
@@ -53,6 +54,8 @@ from fastcog.parallel import (
     resolve_strategy,
 )
 from fastcog.plan_report import check_run
+from fastcog.plot import plot_at_end
+from fastcog.progress import StepProgress, step_progress
 from fastcog.stop import Preempted, StopRequest, ignore_stop_signals_in_worker
 
 
@@ -73,6 +76,8 @@ class RunSummary:
     strategy: str = "none"
     skipped_steps: int = 0
     """Steps skipped for a non-finite loss or gradient."""
+    plot_path: Path | None = None
+    """The curves of metrics.jsonl (fastcog.plot), written by rank 0 at the end of the run."""
 
     def lines(self) -> list[str]:
         mem = "not measured (CPU)" if self.mem_peak_gb is None else f"{self.mem_peak_gb:.2f} GB"
@@ -93,6 +98,7 @@ class RunSummary:
             f"  peak host RSS  {self.host_peak_rss_gb:.2f} GB",
             f"  output         {self.output_dir}",
             f"  weights        {self.export_path}",
+            *([f"  plot           {self.plot_path}"] if self.plot_path else []),
         ]
 
 
@@ -225,9 +231,10 @@ def train(cfg: Config) -> RunSummary:
     check_fast_path(cfg, device)
     write_demo_data(cfg, world)
     variant, samples = check_inputs(cfg)
-    strategy, lines = check_run(cfg, device, world.world_size, strategy)
+    strategy, plan_lines = check_run(cfg, device, world.world_size, strategy)
+    warnings, plan_lines = split_plan_lines(plan_lines)  # the strategy's choice waits for the banner
     if world.is_main:
-        print("\n".join(lines), end="\n" if lines else "")
+        print("\n".join(warnings), end="\n" if warnings else "")
     out, resume_path, record = prepare_output_dir(cfg, variant, world)
     seed_everything(cfg.train.seed)
 
@@ -235,7 +242,7 @@ def train(cfg: Config) -> RunSummary:
     comps = load_loop_components(cfg, variant, device)
     bucket_of = [it.bucket for it in dataset.items]
     model = build_training_model(cfg, device, tokens_per_sample=max_video_tokens(dataset, variant), world=world,
-                                 strategy=strategy, verbose=world.is_main)
+                                 strategy=strategy, verbose=False)  # its report goes into the banner
     par, params = model.par, model.params
     transformer = par.module
     objective = make_objective(cfg, variant, comps.scheduler, comps.vae)
@@ -243,8 +250,6 @@ def train(cfg: Config) -> RunSummary:
         objective.set_shard(world.rank, world.world_size)
     sampler = BucketBatchSampler(bucket_of, cfg.train.batch_size, cfg.train.seed, rank=world.rank,
                                  world_size=world.world_size)
-    if world.is_main:
-        print(sampler.describe())
     steps = total_steps(cfg, len(sampler))
     optimizer, lr_scheduler = build_optimizer(cfg, params, steps)
     grad_scaler = grad_scaler_for(strategy, device, cfg.model.dtype)
@@ -253,10 +258,13 @@ def train(cfg: Config) -> RunSummary:
     if resume_path is not None:
         state = load_checkpoint(resume_path, transformer, optimizer, lr_scheduler, grad_scaler)
         apply_hyperparameters(optimizer, lr_scheduler, cfg.optim)  # accepted changes (lr, betas, ...) take effect
-        if world.is_main:
-            print(f"resumed from {resume_path} at step {state.step}")
     else:
         seed_everything(cfg.train.seed)  # the same draws whether or not earlier setup used the RNG
+    if world.is_main:
+        print("\n".join(banner(RunStart(
+            cfg, variant.name, sampler, buckets_for(cfg), steps=steps, start_step=state.step, resumed_from=resume_path,
+            trainable=sum(p.numel() for p in params), world_size=world.world_size, strategy=strategy, device=device,
+            build_lines=model.report.lines, plan_lines=plan_lines))))
     metrics = (MetricsWriter(out, cfg.log.report_to, cfg.log.tracker_name, to_dict(cfg),
                              resume_step=state.step if resume_path else None) if world.is_main else None)
     checkpointer = Checkpointer(out, world, cfg.checkpoint.limit, cfg.checkpoint.async_save, record)
@@ -267,8 +275,7 @@ def train(cfg: Config) -> RunSummary:
     losses: list[float] = []
     step_times: list[float] = []
     step_samples: list[int] = []
-    bar = tqdm(total=steps, initial=state.step, desc="training", unit="step",
-               disable=not (cfg.log.progress_bar and world.is_main), dynamic_ncols=True)
+    bar = step_progress(steps, state.step, enabled=cfg.log.progress_bar and world.is_main)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     stop, nonfinite = StopRequest(), NonfiniteSteps(cfg.train.max_nonfinite_steps)
@@ -289,8 +296,7 @@ def train(cfg: Config) -> RunSummary:
                 metrics.write({**row, "skipped": result.skipped})
             nonfinite.record(state.step, result.loss, result.grad_norm, result.skipped,
                              log=bar.write if world.is_main else None)
-            bar.update(1)
-            bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{lr:.2e}", grad_norm=f"{result.grad_norm:.3f}")
+            bar.step(result.loss, lr, result.grad_norm)
             checkpointer.poll()
             every = cfg.checkpoint.every_steps
             saved = bool(every and state.step % every == 0) or (state.step == steps and cfg.checkpoint.save_final)
@@ -306,18 +312,19 @@ def train(cfg: Config) -> RunSummary:
         checkpointer.wait()
 
     export_path = export_weights(cfg, par, out, variant)
+    plot_path = plot_at_end(out) if world.is_main and cfg.log.plot else None
     first = 1 if len(step_times) > 1 else 0  # the first step includes one-off warm-up
     return RunSummary(
         output_dir=out, steps=state.step, wall_time_s=time.perf_counter() - t_start,
         samples_per_s=sum(step_samples[first:]) / sum(step_times[first:]) if step_times else None,
         mem_peak_gb=peak_memory_gb(device), host_peak_rss_gb=host_peak_rss_gb(),
         export_path=export_path, losses=losses, resumed_from=resume_path, world_size=world.world_size,
-        strategy=strategy, skipped_steps=nonfinite.total,
+        strategy=strategy, skipped_steps=nonfinite.total, plot_path=plot_path,
     )
 
 
 @contextlib.contextmanager
-def _closed_at_exit(bar: tqdm, metrics: MetricsWriter | None) -> Iterator[None]:
+def _closed_at_exit(bar: StepProgress, metrics: MetricsWriter | None) -> Iterator[None]:
     """The progress bar and the metrics files are closed (flushed) however the loop ends."""
     try:
         yield

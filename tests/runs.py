@@ -22,7 +22,8 @@ def make_cfg(model_path: Path, data_root: Path, out: Path, **sections):
         "train": {"output_dir": str(out), "seed": 1, "batch_size": 2, "train_steps": 4,
                   "activation_checkpointing": "none"},
         "checkpoint": {"every_steps": 2, "limit": 10},
-        "log": {"report_to": "none", "progress_bar": False},
+        # No end-of-run plot: ~0.3 s of matplotlib per run (test_trainer's first test turns it on).
+        "log": {"report_to": "none", "progress_bar": False, "plot": False},
     }
     for name, values in sections.items():
         raw.setdefault(name, {}).update(values)

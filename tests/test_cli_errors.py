@@ -40,7 +40,7 @@ def base_config() -> dict:
         "lora": {"rank": 4, "alpha": 4},
         "train": {"output_dir": "out", "train_steps": 3, "activation_checkpointing": "none"},
         "checkpoint": {"every_steps": 1, "limit": 10},
-        "log": {"report_to": "none", "progress_bar": False},
+        "log": {"report_to": "none", "progress_bar": False, "plot": False},
     }
 
 

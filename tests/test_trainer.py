@@ -57,11 +57,22 @@ def assert_export_reproduces_training(model_path, cfg, checkpoint) -> None:
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-6)
 
 
-def test_run_writes_everything(tiny_checkpoint, clips, tmp_path):
+def test_run_writes_everything(tiny_checkpoint, clips, tmp_path, capsys):
     out = tmp_path / "run"
     cfg = make_cfg(tiny_checkpoint("cogvideox-5b"), clips, out, checkpoint={"every_steps": 1, "limit": 2},
-                   log={"report_to": "tensorboard", "progress_bar": False})
+                   log={"report_to": "tensorboard", "progress_bar": True, "plot": True})
+    capsys.readouterr()  # what writing the tiny checkpoint printed
     summary = train(cfg)
+    printed = capsys.readouterr()
+    # The banner: one row per fact, before the first step. stderr is not a terminal here, so progress
+    # comes as lines (every step: the run is shorter than 20 steps), not tqdm's redraws.
+    rows = [line.split()[0] for line in printed.out.splitlines() if line.startswith("  ")]
+    assert rows == ["data", "buckets", "trainable", "steps", "precision", "parallel", "attention", "checkpointing"]
+    assert [line.split()[2] for line in printed.err.split("\n") if line.startswith("training: ")] == \
+        ["1/4", "2/4", "3/4", "4/4"]
+    assert printed.err.count("training: ") == 4  # a tqdm bar would redraw "training: ...|" many times
+    assert summary.plot_path == out / "metrics.png" and summary.plot_path.stat().st_size > 20_000
+    assert f"  plot           {out / 'metrics.png'}" in summary.lines()
     assert summary.steps == 4 and len(summary.losses) == 4
     assert all(torch.isfinite(torch.tensor(summary.losses)))
     assert (out / "config.yaml").is_file()

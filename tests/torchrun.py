@@ -42,7 +42,7 @@ def raw_config(data: dict[str, str], out: Path, ranks: int = 1, global_batch: in
         "train": {"output_dir": str(out), "seed": 1, "batch_size": global_batch // ranks,
                   "gradient_accumulation_steps": 2, "train_steps": STEPS, "activation_checkpointing": "none"},
         "checkpoint": {"every_steps": 4, "limit": None},
-        "log": {"report_to": "none", "progress_bar": False},
+        "log": {"report_to": "none", "progress_bar": False, "plot": False},
     }
     for name, values in sections.items():
         raw.setdefault(name, {}).update(values)

@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from fastcog.config import Config
 from fastcog.data.buckets import Bucket, assign_bucket
@@ -44,6 +43,7 @@ from fastcog.data.cache import (
 from fastcog.data.listfile import Sample
 from fastcog.errors import DataError, FastcogError
 from fastcog.parallel import SINGLE_PROCESS, World, all_gather_objects, barrier
+from fastcog.progress import iter_progress
 
 
 @dataclass(frozen=True)
@@ -228,9 +228,9 @@ def prepare(
             _DecodeJobs(mine), batch_size=None, shuffle=False, num_workers=cfg.data.prepare_workers,
             prefetch_factor=2 if cfg.data.prepare_workers else None,
         )
-        bar = tqdm(loader, total=len(mine), desc=f"prepare (rank {world.rank})" if world.distributed else "prepare",
-                   unit="item", disable=not show_progress, dynamic_ncols=True)
-        for job in bar:
+        jobs = iter_progress(loader, len(mine), f"prepare (rank {world.rank})" if world.distributed else "prepare",
+                             "item", enabled=show_progress)
+        for job in jobs:
             item = mine[job["i"]]
             if "error" in job:
                 failures.append({"index": item.index, "video": str(item.sample.video), "reason": job["error"],
