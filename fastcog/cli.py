@@ -1,4 +1,4 @@
-"""`fastcog train | prepare | make-tiny` : parse, load config, call. Nothing else lives here."""
+"""`fastcog train | prepare | plan | sample | plot | make-tiny` : parse, load config, call. Nothing else lives here."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from fastcog import __version__
 from fastcog.errors import FastcogError
 from fastcog.stop import EXIT_PREEMPTED, Preempted
 
@@ -102,6 +103,13 @@ def _cmd_make_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from fastcog.plot import write_plot
+
+    print(f"wrote {write_plot(args.run_dir, args.out)}")
+    return 0
+
+
 def _cmd_plan(args: argparse.Namespace) -> int:
     import json
 
@@ -122,6 +130,58 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sample(args: argparse.Namespace) -> int:
+    from dataclasses import fields
+
+    from fastcog.parallel import current_world, shutdown_distributed
+    from fastcog.sample import SampleOptions, sample
+
+    _quiet_libraries()
+    values = {f.name: getattr(args, f.name) for f in fields(SampleOptions)}
+    opts = SampleOptions(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+    result = sample(opts)  # joins torchrun's process group, if launched by torchrun
+    if current_world().is_main:
+        print("\n".join(result.lines()))
+    shutdown_distributed()
+    return 0
+
+
+def _add_sample_args(p: argparse.ArgumentParser) -> None:
+    from fastcog.config_schema import ValidationConfig
+    from fastcog.dtypes import DTYPES
+
+    v = ValidationConfig()  # the defaults validation renders with (the reference trainer's)
+    p.add_argument("run", nargs="?", help="a `fastcog train` output folder (its config.yaml and exported LoRA or "
+                   "transformer), or one of its checkpoint-<step> folders")
+    p.add_argument("--model", help="base diffusers CogVideoX folder (default: the run's model.path)")
+    p.add_argument("--lora", help="a LoRA file (or its folder) to load instead of the run's")
+    p.add_argument("--lora-scale", type=float, help="LoRA strength: 1 as trained, 0 the base model (default 1)")
+    p.add_argument("--prompt", dest="prompts", action="append", default=[], metavar="TEXT",
+                   help="a prompt (repeatable); default: --prompts-file, else the run's validation.prompts")
+    p.add_argument("--prompts-file", metavar="FILE", help="a text file with one prompt per line")
+    p.add_argument("--image", dest="images", action="append", default=[], metavar="FILE",
+                   help="I2V: the first frame, one for every prompt or one per prompt (repeatable)")
+    p.add_argument("--steps", type=int, default=v.num_inference_steps,
+                   help=f"sampler steps (default {v.num_inference_steps})")
+    p.add_argument("--guidance-scale", type=float, default=v.guidance_scale,
+                   help=f"classifier-free guidance (default {v.guidance_scale:g})")
+    p.add_argument("--seed", type=int, default=v.seed,
+                   help=f"seed of the first prompt, +1 per prompt (default {v.seed})")
+    p.add_argument("--frames", type=int, help="frames, 8N+1 (default: the run's data.num_frames)")
+    p.add_argument("--height", type=int, help="pixels, a multiple of 16 (default: the run's data.height)")
+    p.add_argument("--width", type=int, help="pixels, a multiple of 16 (default: the run's data.width)")
+    p.add_argument("--fps", type=int, default=v.fps, help=f"frame rate of the mp4 (default {v.fps})")
+    p.add_argument("--out", metavar="DIR", help="output folder (default: RUN/samples, or ./samples)")
+    p.add_argument("--dtype", choices=DTYPES, help="weights and compute dtype (default: the run's model.dtype, "
+                   "else bf16)")
+    p.add_argument("--vae-tiling", action="store_true", help="decode in spatial tiles (less memory)")
+    p.add_argument("--vae-slicing", action="store_true",
+                   help="VAE slicing (a batch one video at a time; each prompt is its own batch here)")
+    p.add_argument("--cpu-offload", action="store_true",
+                   help="keep each model on the CPU until it runs (diffusers' model CPU offload; needs a GPU)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="path to a YAML config (see configs/)")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
@@ -133,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     from fastcog.variants import VARIANTS
 
     parser = argparse.ArgumentParser(prog="fastcog", description="Fast CogVideoX fine-tuning.")
+    parser.add_argument("--version", action="version", version=f"fastcog {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train from a YAML config")
     _add_config_args(p)
@@ -148,6 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", choices=VARIANTS, help="plan with this released checkpoint's architecture when "
                    "model.path has no transformer/config.json (not downloaded yet)")
     p.set_defaults(func=_cmd_plan)
+    p = sub.add_parser("sample", help="render videos from a trained run (or a model and LoRA): mp4 and PNG "
+                       "contact sheets (torchrun-aware)")
+    _add_sample_args(p)
+    p.set_defaults(func=_cmd_sample)
     p = sub.add_parser("make-tiny", help="write a tiny random diffusers checkpoint of a variant")
     p.add_argument("variant", choices=VARIANTS)
     p.add_argument("out_dir")
@@ -158,6 +223,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="write into OUT_DIR even if it is not empty (files of the same name are replaced)")
     p.set_defaults(func=_cmd_make_tiny)
+    p = sub.add_parser("plot", help="draw a run's loss, learning rate, gradient norm and throughput (metrics.jsonl) "
+                       "to a PNG")
+    p.add_argument("run_dir", help="a run's train.output_dir (it holds metrics.jsonl)")
+    p.add_argument("--out", help="the PNG to write (default RUN_DIR/metrics.png)")
+    p.set_defaults(func=_cmd_plot)
     return parser
 
 
