@@ -11,31 +11,20 @@ with no weights, in `fastcog plan`) as the trainer would train it, adapters and 
 * the RoPE tables (cos, sin: [tokens, head dim] fp32 each) that fastcog.objective computes once
   per latent shape and every block reads: the largest bucket's pair (9 MB at 5B, 17550 tokens;
   4% of what was live when tests/test_plan_measured.py's step began);
-* activations saved for backward under each checkpointing policy, from one block run on fake
-  tensors at the largest bucket's token count (fastcog.fast.checkpointing);
-* the block backward's working set (`block_backward_bytes`): what differentiating one block
-  holds beyond what it saved, i.e. the gradients of its outputs and its backward's gradient
-  buffers at their largest (the FF gradients [B, S, 4D], attention's dq/dk/dv, ...). The
-  first block differentiated holds them while every other block's activations are still saved,
-  and a checkpointed block holds them after its recompute, so every policy's peak has them
-  once. Measured on a CPU step (tests/test_plan_measured.py): the step peaks inside that
-  backward, and without this term the plan fell 11% (none) and 17% (full) short of it. At 5B,
-  17550 tokens, batch 1, bf16 it is 0.98 GB (the two FF gradients and the incoming ones), 1.86
-  GB with fast.fp8 (its backward's fp32 temporaries), next to 6.8 GB of `full` activations; it
-  is the eager block's, and a compiled block may fuse some of these buffers away.
+* activations saved for backward under each checkpointing policy, and one block backward's
+  working set, from one block run forward and backward on fake tensors at the largest bucket's
+  token count, under the training autocast (fastcog.fast.checkpointing, fastcog.fast.autocast).
 
 A GPU runs attention with a fused kernel (flash or cuDNN) that saves its output and log-sum-exp,
 never the score matrix; so does a CPU (SDPA's own flash kernel). On the meta device, torch's
 SDPA decomposes into the math path, which saves the [S, S] scores; so when a GPU run is planned
 on another machine (`for_gpu`), SDPA calls are routed to the flash-attention op, whose shape
-rules (meta kernels) and saved tensors are the GPU's. The trainer plans on its own device, as
-it will run.
+rules (meta kernels) and saved tensors are the GPU's, and CUDA's autocast rules apply. The
+trainer plans on its own device, as it will run.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -46,19 +35,6 @@ import torch
 from fastcog.config import Config, OptimConfig
 from fastcog.fast import checkpointing as ac
 from fastcog.optimizers import OPTIMIZER_SPECS
-
-
-@dataclass(frozen=True)
-class StepActivations(ac.ActivationEstimate):
-    """fastcog.fast.checkpointing's per-block estimate plus one block backward's working set
-    (the module docstring), so that every reader of `peak` (auto's choice, `fastcog plan`'s
-    activations column, the fit check) counts it."""
-
-    backward: int = 0
-    """Bytes differentiating one block holds beyond what it saved (`block_backward_bytes`)."""
-
-    def peak(self, policy: str) -> int:
-        return super().peak(policy) + self.backward
 
 
 @dataclass(frozen=True)
@@ -121,11 +97,10 @@ def memory_plan(transformer: torch.nn.Module, cfg: Config, tokens_per_sample: in
     trainable = [p for p in transformer.parameters() if p.requires_grad]
     frozen = [t for t in [*transformer.parameters(), *transformer.buffers()] if not t.requires_grad]
     n_trainable = sum(p.numel() for p in trainable)
-    shape = (transformer, cfg.train.batch_size, tokens_per_sample, _compute_dtype(cfg), device)
-    with gpu_attention() if for_gpu and device.type != "cuda" else nullcontext():
-        saved = ac.estimate_block_activations(*shape)
-        activations = StepActivations(**{f.name: getattr(saved, f.name) for f in dataclasses.fields(saved)},
-                                      backward=block_backward_bytes(*shape))
+    planned_elsewhere = for_gpu and device.type != "cuda"
+    with gpu_attention() if planned_elsewhere else nullcontext():
+        activations = ac.estimate_block_activations(transformer, cfg.train.batch_size, tokens_per_sample,
+                                                    _compute_dtype(cfg), device, cuda_rules=planned_elsewhere)
     return MemoryPlan(
         frozen_params=sum(t.numel() for t in frozen),
         trainable_params=n_trainable,
@@ -145,69 +120,6 @@ def rope_table_bytes(transformer_config: Any, tokens: int) -> int:
     if not transformer_config.use_rotary_positional_embeddings:
         return 0
     return 2 * tokens * transformer_config.attention_head_dim * 4
-
-
-def block_backward_bytes(transformer: torch.nn.Module, batch: int, tokens: int, dtype: torch.dtype,
-                         device: torch.device) -> int:
-    """Run block 0's forward and backward on fake tensors at the real shape (the inputs of
-    fastcog.fast.checkpointing's estimate) and return the most bytes its backward held at once
-    beyond what was live when it began (the saved activations, the block's outputs).
-
-    Every storage an op creates is counted until it is freed, which a weak reference to the
-    storage observes (torch keeps a storage's Python object as long as the storage lives, also
-    when only autograd holds it); weights and the RoPE tables are not activations. Only the
-    inputs' gradients are asked for: weight gradients are counted whole in the plan's gradient
-    bytes.
-    """
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils._pytree import tree_leaves
-
-    block = transformer.transformer_blocks[0]
-    live: dict[int, tuple[int, weakref.ref]] = {}
-    held = most = 0
-    not_activations: set[int] = set()
-
-    def freed(key: int, _ref: weakref.ref) -> None:
-        nonlocal held
-        held -= live.pop(key)[0]
-
-    def track(t: torch.Tensor) -> None:
-        nonlocal held, most
-        storage = t.untyped_storage()
-        key = storage._cdata
-        if key in live or key in not_activations:
-            return
-        live[key] = (storage.nbytes(), weakref.ref(storage, lambda ref, key=key: freed(key, ref)))
-        held += storage.nbytes()
-        most = max(most, held)
-
-    class Allocations(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in tree_leaves(out):
-                if isinstance(t, torch.Tensor):
-                    track(t)
-            return out
-
-    with FakeTensorMode(allow_non_fake_inputs=True):
-        # Fake weights made on `device` whatever the model's own (meta for a weightless one).
-        state = {name: torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, device=device
-                                           ).requires_grad_(t.requires_grad)
-                 for name, t in [*block.named_parameters(), *block.named_buffers()]}
-        inputs = ac._block_inputs(transformer, batch, tokens, dtype, device)
-        not_activations.update(t.untyped_storage()._cdata for t in [*state.values(),
-                                                                    *inputs.get("image_rotary_emb", ())])
-        streams = [inputs["hidden_states"].requires_grad_(True),
-                   inputs["encoder_hidden_states"].requires_grad_(True)]
-        with Allocations():
-            for t in (*streams, inputs["temb"]):
-                track(t)
-            outputs = torch.func.functional_call(block, state, (), inputs)
-            del inputs
-            before = most = held
-            torch.autograd.grad(outputs, streams, [torch.ones_like(o) for o in outputs])
-    return most - before
 
 
 def optimizer_bytes(values: int, optim: OptimConfig) -> int:

@@ -169,3 +169,46 @@ def test_auto_strategy_replicates_lora_when_it_fits(tiny_checkpoint, clips, tmp_
     assert strategy == "fsdp" and "does not fit" in why
     assert auto_strategy(cfg(model={"training_type": "sft"}), roomy, 2)[0] == "fsdp"
     assert auto_strategy(cfg(), None, 2) == ("fsdp", "no GPU memory to plan DDP against", None)
+
+
+def test_cuda_autocast_rules_cast_as_cuda_does():
+    """On the meta device (a GPU run planned without one), CUDA autocast's casts: the matmul family and
+    attention in the compute dtype, layer norm and softmax in fp32, the rest as its inputs promote;
+    fp64 and FP8 tensors never cast."""
+    import torch.nn.functional as F
+
+    from fastcog.fast.autocast import training_autocast
+
+    x, w = torch.empty(2, 8, 16, device="meta", dtype=torch.bfloat16), torch.empty(4, 16, device="meta")
+    q = torch.empty(1, 2, 8, 16, device="meta")
+    with training_autocast(torch.device("meta"), torch.bfloat16, cuda_rules=True):
+        assert F.linear(x.float(), w).dtype == torch.bfloat16
+        assert (x.float() @ w.t()).dtype == torch.bfloat16
+        assert F.scaled_dot_product_attention(q, q, q).dtype == torch.bfloat16
+        assert F.layer_norm(x, (16,)).dtype == torch.float32
+        assert torch.softmax(x, -1).dtype == torch.float32
+        assert (x * w[0]).dtype == torch.float32  # not listed: promotes
+        assert F.gelu(x).dtype == torch.bfloat16
+        assert F.linear(x.double(), w.double()).dtype == torch.float64
+    with pytest.raises(ValueError, match="no autocast"):
+        with training_autocast(torch.device("meta"), torch.bfloat16):
+            pass
+
+
+@pytest.mark.gpu
+def test_the_cuda_rules_give_the_estimate_of_cudas_own_autocast(tiny_checkpoint, clips, tmp_path):
+    """On a GPU: the block estimate under CudaAutocastRules on the meta device (`fastcog plan`) equals
+    the one under torch's CUDA autocast on the GPU (the trainer's), bf16, LoRA."""
+    from fastcog.build import load_transformer
+    from fastcog.fast import checkpointing as ac
+    from fastcog.plan import gpu_attention
+    from fastcog.plan_report import architecture, weightless_transformer
+
+    cfg = make_cfg(tiny_checkpoint("cogvideox-5b"), clips, tmp_path / "out", model={"dtype": "bf16"},
+                   lora={"rank": 4, "alpha": 8})
+    planned = weightless_transformer(architecture(cfg, None), cfg)
+    trained = load_transformer(cfg, torch.device("cuda"))
+    with gpu_attention():
+        on_meta = ac.estimate_block_activations(planned, 2, 72, torch.bfloat16, torch.device("meta"), cuda_rules=True)
+        on_gpu = ac.estimate_block_activations(trained, 2, 72, torch.bfloat16, torch.device("cuda"))
+    assert on_meta == on_gpu
