@@ -158,7 +158,7 @@ PUBLISHED: list[Published] = [
               "LoRA rank 64, VAE tiling, the simplest accelerate DeepSpeed ZeRO-2 config",
               "rank 64, fp16, Adam, no checkpointing in the command; ZeRO-2", DIFFUSERS),
 ]
-RECIPE_GPU = {"t2v_5b_lowmem": "rtx4090"}  # the card a recipe is written for; h100-80gb otherwise
+RECIPE_GPU = {"t2v_5b_lowmem": "rtx4090", "t2v_1.5_lowmem": "rtx4090"}  # the card a recipe is for; else h100-80gb
 
 
 def reference_path(variant: str, training_type: str):
@@ -205,8 +205,9 @@ def markdown(table: list[dict], meta: dict) -> str:
         f"# `fastcog plan` per recipe, {meta['date']}",
         "",
         "Estimates, not measurements: bytes per GPU from fastcog.plan (weights as stored, fp32 gradients,",
-        "optimizer state from the registry, activations of one block run on fake tensors, the flash-attention",
-        "op standing in for the GPU's fused attention), at each variant's released shape, batch 1.",
+        "optimizer state from the registry; activations and one block backward's working set from one block run",
+        "on fake tensors under CUDA's autocast rules, the flash-attention op standing in for the GPU's fused",
+        "attention), at each variant's released shape, batch 1.",
         f"Computed on {meta['machine']} with torch {meta['torch']}, diffusers {meta['diffusers']}; command:",
         f"`{meta['command']}`. GB = 1e9 bytes.",
         "",
