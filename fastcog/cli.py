@@ -115,7 +115,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
     from fastcog.config import load_config
     from fastcog.gpus import gpu_by_key
-    from fastcog.plan_report import as_json, lines, make_plan, remedies
+    from fastcog.plan_report import as_json, auto_strategy, lines, make_plan, remedies
 
     cfg = load_config(args.config, args.set or ())
     _quiet_libraries()
@@ -123,10 +123,16 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     strategies = ("fsdp", "ddp") if args.nproc > 1 else ("none",)
     plans = [make_plan(cfg, gpu, args.nproc, strategy, args.variant) for strategy in strategies]
     fixes = [[] if p.fits else remedies(cfg, p) for p in plans]
+    auto = auto_strategy(cfg, gpu, args.nproc, plans[1])[:2] if args.nproc > 1 else None
     if args.json:
-        print(json.dumps([as_json(cfg, p, f) for p, f in zip(plans, fixes)], indent=1))
+        out = [as_json(cfg, p, f) for p, f in zip(plans, fixes)]
+        for plan in out if auto else ():
+            plan["auto_strategy"] = {"strategy": auto[0], "why": auto[1]}
+        print(json.dumps(out, indent=1))
     else:
         print("\n\n".join("\n".join(lines(cfg, p, f)) for p, f in zip(plans, fixes)))
+        if auto:
+            print(f"\nparallel.strategy: auto picks {auto[0]}: {auto[1]}")
     return 0
 
 

@@ -273,18 +273,19 @@ def this_gpu(device: torch.device) -> GpuSpec:
     return dataclasses.replace(known, memory_bytes=total)
 
 
-def auto_strategy(cfg: Config, gpu: GpuSpec | None, nproc: int) -> tuple[str, str, Plan | None]:
+def auto_strategy(cfg: Config, gpu: GpuSpec | None, nproc: int, ddp_plan: Plan | None = None
+                  ) -> tuple[str, str, Plan | None]:
     """parallel.strategy=auto with several ranks: (strategy, why, the DDP plan when one was made). LoRA
     trains with DDP when the replicated model fits the GPU: FSDP2 gathers every frozen weight again at
     every step, which DDP never does. Full fine-tuning, HSDP, and runs with no GPU to plan against use
-    FSDP2."""
+    FSDP2. ddp_plan: the DDP plan when it is already made."""
     if cfg.model.training_type != "lora":
         return "fsdp", "full fine-tuning: weights, gradients and optimizer state are sharded", None
     if cfg.parallel.replicate_degree > 1:
         return "fsdp", f"parallel.replicate_degree={cfg.parallel.replicate_degree} (HSDP)", None
     if gpu is None:
         return "fsdp", "no GPU memory to plan DDP against", None
-    plan = make_plan(cfg, gpu, nproc, "ddp")
+    plan = ddp_plan or make_plan(cfg, gpu, nproc, "ddp")
     peak, usable = _gb(plan.memory.peak(plan.policy)).strip(), _gb(plan.capacity_bytes).strip()
     if plan.fits:
         return "ddp", (f"LoRA and the replicated model fits (estimated peak {peak} of {usable} usable): DDP "

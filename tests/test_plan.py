@@ -53,6 +53,8 @@ def test_fsdp_ranks_hold_a_share_and_ddp_ranks_the_whole(tiny_config, capsys):
     for kind in ("frozen_weights", "trainable_weights", "gradients", "optimizer_state"):
         assert fsdp["bytes"][kind] == ddp["bytes"][kind] // 2
     assert fsdp["communication_bytes_per_step"] > ddp["communication_bytes_per_step"] > 0
+    assert fsdp["auto_strategy"] == ddp["auto_strategy"]
+    assert fsdp["auto_strategy"]["strategy"] == "ddp" and "replicated model fits" in fsdp["auto_strategy"]["why"]
 
 
 def test_the_block_estimate_matches_what_autograd_really_saves(tiny_checkpoint, clips, tmp_path):
