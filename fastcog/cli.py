@@ -59,16 +59,12 @@ def _quiet_libraries() -> None:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from fastcog.config import load_config
-    from fastcog.parallel import current_world, shutdown_distributed
     from fastcog.trainer import train
 
     cfg = load_config(args.config, args.set or ())
     _quiet_libraries()
     summary = train(cfg)  # joins torchrun's process group, if launched by torchrun
-    if current_world().is_main:
-        print("\n".join(summary.lines()))
-    shutdown_distributed()
-    return 0
+    return _finish_distributed(summary.lines())
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
@@ -139,15 +135,21 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 def _cmd_sample(args: argparse.Namespace) -> int:
     from dataclasses import fields
 
-    from fastcog.parallel import current_world, shutdown_distributed
     from fastcog.sample import SampleOptions, sample
 
     _quiet_libraries()
     values = {f.name: getattr(args, f.name) for f in fields(SampleOptions)}
     opts = SampleOptions(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
     result = sample(opts)  # joins torchrun's process group, if launched by torchrun
+    return _finish_distributed(result.lines())
+
+
+def _finish_distributed(summary: list[str]) -> int:
+    """Rank 0 prints the summary; every rank leaves torchrun's process group."""
+    from fastcog.parallel import current_world, shutdown_distributed
+
     if current_world().is_main:
-        print("\n".join(result.lines()))
+        print("\n".join(summary))
     shutdown_distributed()
     return 0
 
