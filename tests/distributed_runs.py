@@ -34,6 +34,7 @@ def two_rank_plan(data: dict[str, str], one_rank: Path, root: Path) -> dict:
         "prodigy_fsdp": raw_config(data, root / "prodigy_fsdp", ranks=2, **PRODIGY),
         "prodigy_ddp": raw_config(data, root / "prodigy_ddp", ranks=2, parallel={"strategy": "ddp"}, **PRODIGY),
         "sft": raw_config(data, root / "sft", ranks=2, **SFT),
+        "ddp": raw_config(data, root / "ddp", ranks=2, parallel={"strategy": "ddp"}, train={"train_steps": 6}),
     }
     for name in TORCHAO_LOW_BIT:
         checkpoint = {"every_steps": 6 if name == "adamw4bit" else 0}
