@@ -44,6 +44,8 @@ class RunStart:
     """fastcog.build's report: "attention: ...", "activation checkpointing: ...", "fp8: ..." ..."""
     plan_lines: list[str] = field(default_factory=list)
     """check_run's lines that belong here (the strategy choice), see split_plan_lines."""
+    validation: str | None = None
+    """The held-out set and its validation loss (fastcog.val_loss.describe); None: nothing held out."""
 
 
 def split_plan_lines(lines: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -59,6 +61,7 @@ def banner(s: RunStart) -> list[str]:
     rows: dict[str, str] = {
         "data": s.sampler.describe().removeprefix("data: "),
         "buckets": _buckets(s.sampler.bucket_of, s.bucket_shapes),
+        **({"validation": s.validation} if s.validation else {}),
         "trainable": f"{_count(s.trainable)} parameters ({kind})",
         "steps": _steps(s),
         "precision": _precision(cfg),

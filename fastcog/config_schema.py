@@ -101,6 +101,22 @@ class DataConfig:
     synthetic_clips: int = 0
     """If > 0 and data_root holds no dataset yet, write this many synthetic mp4 clips there
     first (the demo; real runs leave this 0)."""
+    validation_fraction: float = 0.0
+    """Hold out this fraction of the clips (rounded down; below 1) for the validation loss
+    (validation.loss_every_steps): chosen by train.seed and each clip's path, never trained on.
+    0: none. A held-out set from its own file (validation_metadata_file / validation_*_column)
+    is the alternative."""
+    validation_metadata_file: str | None = None
+    """The held-out set as a CSV / JSONL file in metadata_file's format (relative to data_root);
+    its clips are evaluated, never trained on, and must not also be in the training data."""
+    validation_caption_column: str | None = None
+    """The held-out set as list files instead: its caption file (caption_column's format, relative
+    to data_root); needs validation_video_column."""
+    validation_video_column: str | None = None
+    """The held-out set's video list (video_column's format); needs validation_caption_column."""
+    validation_image_column: str | None = None
+    """I2V, optional: the held-out set's image list (image_column's format); without it each
+    held-out clip's first frame is its condition."""
 
 
 @dataclass(frozen=True)
@@ -273,7 +289,9 @@ class LogConfig:
 class ValidationConfig:
     every_steps: int = 0
     """Render validation videos every this many optimizer steps (0 = never); must be a multiple
-    of checkpoint.every_steps, as in the reference."""
+    of checkpoint.every_steps, as in the reference. Under torchrun with DDP each rank renders its
+    share of the prompts; under FSDP every rank renders every prompt (each forward gathers the
+    weights from all ranks, so all must run it) and rank 0 writes them."""
     prompts: tuple[str, ...] = ()
     """Validation prompts."""
     images: tuple[str, ...] = ()
@@ -285,7 +303,15 @@ class ValidationConfig:
     fps: int = 8
     """Frame rate of the written mp4."""
     seed: int = 42
-    """Sampling seed."""
+    """Sampling seed of the videos; also seeds the validation loss's noise (per sample and timestep)."""
+    loss_every_steps: int = 0
+    """Compute the loss on the held-out set (data.validation_fraction or data.validation_*) every
+    this many optimizer steps, before the first step and at the last (0 = never); logged as
+    `val_loss` and `val_loss_t<t>` per timestep. Cheap next to the videos: one eval-mode forward
+    per held-out sample and timestep."""
+    loss_quantiles: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+    """The validation loss's fixed timesteps, as fractions of the schedule (0.1 -> t=100 of 1000):
+    the same timesteps and noise every time, so the values are comparable from step to step."""
 
 
 @dataclass(frozen=True)

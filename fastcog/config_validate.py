@@ -93,6 +93,38 @@ def _check_data(cfg: Config) -> None:
         raise ConfigError(f"data.max_failed_fraction={d.max_failed_fraction}: must be between 0 and 1")
     if d.num_workers < 0 or d.synthetic_clips < 0 or d.prepare_workers < 0:
         raise ConfigError("data.num_workers, data.prepare_workers and data.synthetic_clips must be >= 0")
+    _check_heldout(cfg)
+
+
+def _check_heldout(cfg: Config) -> None:
+    """One way of naming the held-out set, whole; the counts are checked when the data is read
+    (fastcog.data.heldout)."""
+    d = cfg.data
+    if not 0.0 <= d.validation_fraction < 1.0:
+        raise ConfigError(f"data.validation_fraction={d.validation_fraction}: must be at least 0 and below 1 "
+                          "(1 would leave nothing to train on)")
+    lists = (d.validation_caption_column, d.validation_video_column)
+    if any(lists) and not all(lists):
+        given, missing = (("validation_caption_column", "validation_video_column") if lists[0]
+                          else ("validation_video_column", "validation_caption_column"))
+        raise ConfigError(f"data.{given} is set but data.{missing} is not: a held-out list set needs both")
+    if d.validation_image_column and not all(lists):
+        raise ConfigError("data.validation_image_column is set without data.validation_caption_column and "
+                          "data.validation_video_column: set both, or remove it")
+    ways = [name for name, on in (("data.validation_fraction", d.validation_fraction > 0),
+                                  ("data.validation_metadata_file", d.validation_metadata_file),
+                                  ("data.validation_caption_column", all(lists))) if on]
+    if len(ways) > 1:
+        raise ConfigError(f"{' and '.join(ways)} are both set: name the held-out set one way")
+    v = cfg.validation
+    if v.loss_every_steps < 0:
+        raise ConfigError(f"validation.loss_every_steps={v.loss_every_steps}: must be >= 0 (0 = off)")
+    if v.loss_every_steps and not ways:
+        raise ConfigError(f"validation.loss_every_steps={v.loss_every_steps} needs a held-out set: set "
+                          "data.validation_fraction (e.g. 0.05) or data.validation_metadata_file")
+    if not v.loss_quantiles or not all(0.0 <= q < 1.0 for q in v.loss_quantiles):
+        raise ConfigError(f"validation.loss_quantiles={list(v.loss_quantiles)}: give at least one fraction of the "
+                          "schedule, each at least 0 and below 1 (0.1 is t=100 of 1000)")
 
 
 def _check_lora(cfg: Config) -> None:

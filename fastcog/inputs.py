@@ -17,9 +17,10 @@ import torch
 from fastcog.checkpoint import checkpoint_step, list_checkpoints, resolve_resume
 from fastcog.config import Config, save_config, validate_for_variant
 from fastcog.data.cache import CachedDataset, Encoder
+from fastcog.data.heldout import DataSplit, split_heldout
 from fastcog.data.listfile import Sample, read_dataset
 from fastcog.data.prepare import cache_dir_for, prepare
-from fastcog.errors import ConfigError
+from fastcog.errors import ConfigError, DataError
 from fastcog.flops import video_tokens
 from fastcog.models import TORCH_DTYPES, load_components, read_variant, set_vae_memory_options
 from fastcog.parallel import SINGLE_PROCESS, World, barrier
@@ -48,10 +49,16 @@ def write_demo_data(cfg: Config, world: World = SINGLE_PROCESS) -> None:
 
 
 def check_inputs(cfg: Config, training: bool = True) -> tuple[VariantSpec, list[Sample]]:
-    """Model folder, variant-specific config rules, LoRA targets, every data file, and that the
-    cache can be written when something needs encoding; for `training` also the tracker package
-    and a writable output dir (`fastcog prepare` needs neither). All before any output, so a
-    mistake found here leaves earlier outputs as they were."""
+    """check_data, with every sample to encode in one list (the held-out ones last)."""
+    variant, split = check_data(cfg, training)
+    return variant, split.all
+
+
+def check_data(cfg: Config, training: bool = True) -> tuple[VariantSpec, DataSplit]:
+    """Model folder, variant-specific config rules, LoRA targets, every data file (the held-out
+    set's too), and that the cache can be written when something needs encoding; for `training`
+    also the tracker package and a writable output dir (`fastcog prepare` needs neither). All
+    before any output, so a mistake found here leaves earlier outputs as they were."""
     from fastcog.lora import check_target_modules
     from fastcog.metrics import check_tracker_available
     from fastcog.models import meta_transformer
@@ -70,8 +77,9 @@ def check_inputs(cfg: Config, training: bool = True) -> tuple[VariantSpec, list[
                               "train.output_dir")
     samples = read_dataset(d.data_root, metadata_file=d.metadata_file, caption_column=d.caption_column,
                            video_column=d.video_column, image_column=d.image_column)
-    check_cache_writable(cfg, samples, variant)
-    return variant, samples
+    split = split_heldout(cfg, samples)
+    check_cache_writable(cfg, split.all, variant)
+    return variant, split
 
 
 def unwritable_reason(path: Path) -> str | None:
@@ -155,13 +163,33 @@ def make_encoder_factory(cfg: Config, device: torch.device, variant: VariantSpec
 def prepare_dataset(cfg: Config, samples: list[Sample], variant: VariantSpec, device: torch.device,
                     world: World = SINGLE_PROCESS) -> CachedDataset:
     """Cache every sample (encoding what is missing) and return the training dataset."""
+    return prepare_datasets(cfg, DataSplit(samples), variant, device, world)[0]
+
+
+def prepare_datasets(cfg: Config, split: DataSplit, variant: VariantSpec, device: torch.device,
+                     world: World = SINGLE_PROCESS) -> tuple[CachedDataset, CachedDataset | None]:
+    """Cache every sample, training and held-out, in one pass (one report, one failure budget);
+    returns (the training dataset, the held-out one or None). The held-out items are only in the
+    second: the training sampler never sees them."""
+    samples = split.all
     result = prepare(cfg, samples, variant.is_i2v, make_encoder_factory(cfg, device, variant), world,
                      show_progress=cfg.log.progress_bar and world.is_main)
     if world.is_main:
         print(result.summary(cache_dir_for(cfg)))
     if device.type == "cuda":
         torch.cuda.empty_cache()  # the encoders are gone; give their memory back before training
-    return CachedDataset(result.items, TORCH_DTYPES[cfg.model.dtype])
+    # result.items holds the samples that did not fail, in sample order: put the indices back.
+    failed = {f["index"] for f in result.failures}
+    kept = [i for i in range(len(samples)) if i not in failed]
+    dtype = TORCH_DTYPES[cfg.model.dtype]
+    train = CachedDataset([it for i, it in zip(kept, result.items, strict=True) if i < len(split.train)], dtype)
+    if not split.heldout:
+        return train, None
+    heldout = [it for i, it in zip(kept, result.items, strict=True) if i >= len(split.train)]
+    if not heldout:
+        raise DataError(f"every held-out clip failed to decode ({split.source}); see "
+                        f"{cache_dir_for(cfg) / 'failures.jsonl'}")
+    return train, CachedDataset(heldout, dtype)
 
 
 def load_loop_components(cfg: Config, variant: VariantSpec, device: torch.device) -> Any:

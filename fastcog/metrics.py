@@ -6,6 +6,7 @@ The FLOP model and MFU live in fastcog.flops.
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 import math
 import resource
@@ -13,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from fastcog.errors import ConfigError
@@ -36,6 +38,19 @@ def check_tracker_available(report_to: str) -> None:
         other = next(name for name in TRACKER_PACKAGES if name != report_to)
         raise ConfigError(f"log.report_to={report_to} needs the {report_to} package, which is not installed: "
                           f"{TRACKER_PACKAGES[report_to]} (or set log.report_to: {other} or none)")
+
+
+def animated_gif(frames: np.ndarray, fps: int) -> bytes:
+    """Frames [F, H, W, 3] uint8 as an animated GIF: how TensorBoard shows a video (in its Images
+    tab). SummaryWriter.add_video would encode the same with moviepy, which is not a dependency
+    (without it add_video only prints that it needs it)."""
+    from PIL import Image
+
+    images = [Image.fromarray(f) for f in frames]
+    buffer = io.BytesIO()
+    images[0].save(buffer, format="GIF", save_all=True, append_images=images[1:], duration=round(1000 / fps),
+                   loop=0)
+    return buffer.getvalue()
 
 
 def peak_memory_gb(device: torch.device) -> float | None:
@@ -86,7 +101,9 @@ class MetricsWriter:
                                   f"{TRACKER_PACKAGES['wandb']} (or set log.report_to: tensorboard or none)") from None
             self._wandb = wandb.init(project=run_name, config=config, dir=str(output_dir), resume="allow")
 
-    def write(self, record: dict[str, Any]) -> None:
+    def write(self, record: dict[str, Any], group: str = "train") -> None:
+        """One metrics.jsonl row; its numbers go to the tracker as `<group>/<key>` (the validation
+        loss's rows: group `validation`)."""
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) and k != "loss" else v)
                  for k, v in record.items()}
         self._file.write(json.dumps(clean) + "\n")
@@ -95,11 +112,20 @@ class MetricsWriter:
         scalars = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
         if self._tb is not None:
             for k, v in scalars.items():
-                self._tb.add_scalar(f"train/{k}", v, step)
+                self._tb.add_scalar(f"{group}/{k}", v, step)
         if self._wandb is not None:
-            self._wandb.log({f"train/{k}": v for k, v in scalars.items()}, step=step)
+            self._wandb.log({f"{group}/{k}": v for k, v in scalars.items()}, step=step)
 
-    def log_video(self, tag: str, path: Path, step: int) -> None:
+    def log_video(self, tag: str, path: Path, step: int, gif: bytes | None = None) -> None:
+        """A validation video: the mp4 to wandb; to TensorBoard its animated GIF (animated_gif), as
+        the image summary add_video writes."""
+        if self._tb is not None and gif is not None:
+            from tensorboard.compat.proto.summary_pb2 import Summary
+
+            # The GIF's logical screen size: bytes 6-9 of its header, little-endian.
+            width, height = int.from_bytes(gif[6:8], "little"), int.from_bytes(gif[8:10], "little")
+            image = Summary.Image(height=height, width=width, colorspace=3, encoded_image_string=gif)
+            self._tb._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
         if self._wandb is not None:
             import wandb
 

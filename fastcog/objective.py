@@ -217,8 +217,13 @@ class Objective:
         _, f, _, h, w = latents_bfchw.shape
         return self.rotary(f, h, w, latents_bfchw.device)
 
-    def __call__(self, transformer: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The per-batch loss (a 0-dim tensor, float64 as in the reference: w is float64)."""
+    def __call__(self, transformer: torch.nn.Module, batch: dict[str, torch.Tensor],
+                 timesteps: torch.Tensor | None = None) -> torch.Tensor:
+        """The per-batch loss (a 0-dim tensor, float64 as in the reference: w is float64).
+
+        timesteps: [B] fixed timesteps instead of drawn ones (the validation loss, fastcog.val_loss);
+        every other draw still comes from the global RNG, in the same order.
+        """
         v = self.variant
         latents = batch["latents"]
         image_latents = self.encode_image(batch["images"]) if v.is_i2v else None
@@ -228,7 +233,8 @@ class Objective:
         prompt_embeds = batch["prompt_embeds"].to(latents.dtype)
         latents = latents.permute(0, 2, 1, 3, 4)  # [B, F, C, H, W]
 
-        timesteps = self.randint_timesteps(batch_size, latents.device)
+        if timesteps is None:
+            timesteps = self.randint_timesteps(batch_size, latents.device)
         noise = self.randn_like(latents, contiguous_perm=(0, 2, 1, 3, 4))
         noisy = self.ops.add_noise(self.scheduler, latents, noise, timesteps)
 

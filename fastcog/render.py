@@ -8,6 +8,7 @@ starting latents.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,13 @@ import numpy as np
 import torch
 
 from fastcog.data.video import load_image
+
+
+def slug(prompt: str, limit: int = 40) -> str:
+    """A file-name-safe short form of a prompt, for the names of sampled and validation videos:
+    lowercase words joined by '-'."""
+    words = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")
+    return words[:limit].rstrip("-") or "prompt"
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,6 @@ rounding, which on CPUs can differ from one render to the next).
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from fastcog.config_validate import PIXEL_MULTIPLE
 from fastcog.data.video import write_video
 from fastcog.errors import ConfigError, DataError
 from fastcog.parallel import World, all_gather_objects, device_for, init_distributed
-from fastcog.render import RenderSettings, conditioning_image, make_pipeline, render
+from fastcog.render import RenderSettings, conditioning_image, make_pipeline, render, slug
 from fastcog.sample_source import Source, load_lora, load_transformer, resolve_source
 from fastcog.variants import VAE_SPATIAL_FACTOR
 
@@ -164,12 +163,6 @@ def check_options(opts: SampleOptions, source: Source) -> None:
     if opts.cpu_offload and not torch.cuda.is_available():
         raise ConfigError("--cpu-offload moves each model between the CPU and the GPU as it runs, and there is no "
                           "GPU here: leave it out")
-
-
-def slug(prompt: str, limit: int = 40) -> str:
-    """A file-name-safe short form of a prompt: lowercase words joined by '-'."""
-    words = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")
-    return words[:limit].rstrip("-") or "prompt"
 
 
 def output_folder(opts: SampleOptions, source: Source) -> Path:

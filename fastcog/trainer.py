@@ -32,10 +32,10 @@ from fastcog.export import export_weights
 from fastcog.fast import check_fast_path
 from fastcog.flops import StepWork, WorkCounter, peak_flops, step_metrics
 from fastcog.inputs import (
-    check_inputs,
+    check_data,
     load_loop_components,
     max_video_tokens,
-    prepare_dataset,
+    prepare_datasets,
     prepare_output_dir,
     write_demo_data,
 )
@@ -57,6 +57,7 @@ from fastcog.plan_report import check_run
 from fastcog.plot import plot_at_end
 from fastcog.progress import StepProgress, step_progress
 from fastcog.stop import Preempted, StopRequest, ignore_stop_signals_in_worker
+from fastcog.val_loss import ValidationLoss, describe
 
 
 @dataclass
@@ -230,7 +231,7 @@ def train(cfg: Config) -> RunSummary:
     device = device_for(world)
     check_fast_path(cfg, device)
     write_demo_data(cfg, world)
-    variant, samples = check_inputs(cfg)
+    variant, split = check_data(cfg)  # the held-out set (fastcog.data.heldout) is never trained on
     strategy, plan_lines = check_run(cfg, device, world.world_size, strategy)
     warnings, plan_lines = split_plan_lines(plan_lines)  # the strategy's choice waits for the banner
     if world.is_main:
@@ -238,7 +239,7 @@ def train(cfg: Config) -> RunSummary:
     out, resume_path, record = prepare_output_dir(cfg, variant, world)
     seed_everything(cfg.train.seed)
 
-    dataset = prepare_dataset(cfg, samples, variant, device, world)
+    dataset, heldout = prepare_datasets(cfg, split, variant, device, world)
     comps = load_loop_components(cfg, variant, device)
     bucket_of = [it.bucket for it in dataset.items]
     model = build_training_model(cfg, device, tokens_per_sample=max_video_tokens(dataset, variant), world=world,
@@ -253,6 +254,7 @@ def train(cfg: Config) -> RunSummary:
     steps = total_steps(cfg, len(sampler))
     optimizer, lr_scheduler = build_optimizer(cfg, params, steps)
     grad_scaler = grad_scaler_for(strategy, device, cfg.model.dtype)
+    val_loss = ValidationLoss.create(cfg, variant, comps, heldout, par)
 
     state = TrainState()
     if resume_path is not None:
@@ -264,7 +266,7 @@ def train(cfg: Config) -> RunSummary:
         print("\n".join(banner(RunStart(
             cfg, variant.name, sampler, buckets_for(cfg), steps=steps, start_step=state.step, resumed_from=resume_path,
             trainable=sum(p.numel() for p in params), world_size=world.world_size, strategy=strategy, device=device,
-            build_lines=model.report.lines, plan_lines=plan_lines))))
+            build_lines=model.report.lines, plan_lines=plan_lines, validation=describe(split, heldout, val_loss)))))
     metrics = (MetricsWriter(out, cfg.log.report_to, cfg.log.tracker_name, to_dict(cfg),
                              resume_step=state.step if resume_path else None) if world.is_main else None)
     checkpointer = Checkpointer(out, world, cfg.checkpoint.limit, cfg.checkpoint.async_save, record)
@@ -279,7 +281,10 @@ def train(cfg: Config) -> RunSummary:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     stop, nonfinite = StopRequest(), NonfiniteSteps(cfg.train.max_nonfinite_steps)
+    log = bar if world.is_main else None
     with stop.handling(), _closed_at_exit(bar, metrics):
+        if val_loss is not None and state.step == 0:
+            val_loss.log(0, metrics, log)  # the base model's, to compare the first evaluations with
         while state.step < steps:
             t0 = time.perf_counter()
             result = train_step(objective, par, params, batches, optimizer, lr_scheduler, grad_scaler, cfg, count)
@@ -295,7 +300,7 @@ def train(cfg: Config) -> RunSummary:
                 row = step_metrics(state, result.loss, result.grad_norm, lr, dt, result.work, world, peak, device)
                 metrics.write({**row, "skipped": result.skipped})
             nonfinite.record(state.step, result.loss, result.grad_norm, result.skipped,
-                             log=bar.write if world.is_main else None)
+                             log=log.write if log is not None else None)
             bar.step(result.loss, lr, result.grad_norm)
             checkpointer.poll()
             every = cfg.checkpoint.every_steps
@@ -303,7 +308,11 @@ def train(cfg: Config) -> RunSummary:
             if saved:
                 checkpointer.save(state, transformer, optimizer, lr_scheduler, grad_scaler)
             if cfg.validation.every_steps and state.step % cfg.validation.every_steps == 0:
+                from fastcog.validation import run_validation  # PyAV and the pipelines only when used
+
                 run_validation(cfg, comps, par, out, state.step, metrics)
+            if val_loss is not None and val_loss.due(state.step, steps):
+                val_loss.log(state.step, metrics, log)
             if state.step < steps and stop.agreed(device, world.distributed):
                 if not saved:
                     checkpointer.save(state, transformer, optimizer, lr_scheduler, grad_scaler)
@@ -332,16 +341,3 @@ def _closed_at_exit(bar: StepProgress, metrics: MetricsWriter | None) -> Iterato
         bar.close()
         if metrics is not None:
             metrics.close()
-
-
-def run_validation(cfg: Config, comps: Any, par: Parallel, out: Path, step: int, metrics: MetricsWriter | None,
-                   ) -> None:
-    """Render the validation prompts. Under FSDP every forward is collective, so every rank
-    renders (the same videos: same weights, same seeds); only rank 0 writes them."""
-    from fastcog.validation import render_validation
-
-    module = par.module  # never the DDP wrapper: inference needs no gradient sync
-    written = render_validation(cfg, comps, module, out, step, par.device, write=par.world.is_main)
-    if metrics is not None:
-        for path in written:
-            metrics.log_video(f"validation/{path.stem}", path, step)

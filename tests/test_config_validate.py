@@ -83,6 +83,31 @@ def test_validation_interval_must_be_multiple_of_checkpoint_interval() -> None:
     check(with_(raw, validation={"every_steps": 400}))
 
 
+@pytest.mark.parametrize(("sections", "message"), [
+    ({"data": {"validation_fraction": 1.0}}, r"data.validation_fraction=1.0: must be at least 0 and below 1"),
+    ({"data": {"validation_fraction": -0.1}}, r"data.validation_fraction=-0.1: must be at least 0"),
+    ({"data": {"validation_fraction": 0.1, "validation_metadata_file": "val.csv"}},
+     r"data.validation_fraction and data.validation_metadata_file are both set"),
+    ({"data": {"validation_caption_column": "val_prompts.txt"}},
+     r"data.validation_caption_column is set but data.validation_video_column is not"),
+    ({"data": {"validation_image_column": "val_images.txt"}}, r"data.validation_image_column is set without"),
+    ({"validation": {"loss_every_steps": 10}}, r"validation.loss_every_steps=10 needs a held-out set: set "
+                                                r"data.validation_fraction"),
+    ({"validation": {"loss_every_steps": -1}}, r"validation.loss_every_steps=-1: must be >= 0"),
+    ({"data": {"validation_fraction": 0.1}, "validation": {"loss_quantiles": [0.5, 1.0]}},
+     r"validation.loss_quantiles=\[0.5, 1.0\]: .* each at least 0 and below 1"),
+])
+def test_heldout_set_and_validation_loss(sections: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        check(with_(MINIMAL, **sections))
+
+
+def test_heldout_set_and_validation_loss_accepted() -> None:
+    check(with_(MINIMAL, data={"validation_fraction": 0.05}, validation={"loss_every_steps": 100}))
+    check(with_(MINIMAL, data={"validation_caption_column": "p.txt", "validation_video_column": "v.txt"},
+                validation={"loss_every_steps": 100}))
+
+
 def test_validation_without_prompts() -> None:
     with pytest.raises(ConfigError, match=r"validation\.prompts.*add prompts"):
         check(with_(MINIMAL, validation={"every_steps": 200}))

@@ -218,33 +218,48 @@ def test_full_finetune_exports_transformer(tiny_checkpoint, clips, tmp_path):
 
 
 def test_validation_videos_are_written(tiny_checkpoint, clips, tmp_path):
+    """Named by step and prompt; logged to TensorBoard as an animated GIF under one tag per prompt."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     from fastcog.data.video import decode_video
 
     cfg = make_cfg(tiny_checkpoint("cogvideox-5b"), clips, tmp_path / "val", train={"train_steps": 2},
-                   validation={"every_steps": 2, "prompts": ["a red square"], "num_inference_steps": 2})
+                   validation={"every_steps": 2, "prompts": ["a red square"], "num_inference_steps": 2},
+                   log={"report_to": "tensorboard"})
     train(cfg)
-    video = tmp_path / "val" / "validation" / "step-000002-prompt-0.mp4"
+    video = tmp_path / "val" / "validation" / "step-000002-00-a-red-square.mp4"
     frames = decode_video(video, 9, 64, 96)
     assert frames.shape == (9, 3, 64, 96)
+    events = EventAccumulator(str(tmp_path / "val" / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    (image,) = events.Images("validation/00-a-red-square")
+    assert image.step == 2 and image.encoded_image_string.startswith(b"GIF89a")
+    assert (image.width, image.height) == (96, 64)
 
 
-def test_validation_without_write_renders_but_writes_nothing(tiny_checkpoint, clips, tmp_path, monkeypatch):
-    """What ranks other than 0 do under FSDP: the pipeline runs (its forwards are collective
-    there), nothing is written."""
-    import fastcog.validation as validation
+def test_validation_prompts_are_shared_across_ranks(tiny_checkpoint, clips, tmp_path):
+    """DDP (or one process): rank r of w renders and writes prompts r, r + w, ...; FSDP: every rank
+    renders every prompt (its forwards are collective there) and only rank 0 writes. Ranks 1 of 2
+    without a process group (all_gather_objects then returns this rank's own list)."""
     from fastcog.models import load_components
+    from fastcog.parallel import Parallel, World
+    from fastcog.validation import run_validation
 
     path = tiny_checkpoint("cogvideox-5b")
-    cfg = make_cfg(path, clips, tmp_path / "val",
-                   validation={"every_steps": 2, "prompts": ["a red square"], "num_inference_steps": 1})
+    cfg = make_cfg(path, clips, tmp_path / "val", validation={
+        "every_steps": 2, "prompts": ["a red square", "A blue circle!"], "num_inference_steps": 1})
     comps = load_components(path, "fp32")
-    calls = []
-    monkeypatch.setattr(validation, "write_video", lambda *a, **k: calls.append(a))
     forwards = []
     comps.transformer.register_forward_hook(lambda *a: forwards.append(1))
-    assert validation.render_validation(cfg, comps, comps.transformer, tmp_path / "val", 2, torch.device("cpu"),
-                                        write=False) == []
-    assert forwards and not calls and not (tmp_path / "val").exists()
+    cpu, rank1 = torch.device("cpu"), World(rank=1, world_size=2)
+    ddp = Parallel("ddp", rank1, comps.transformer, comps.transformer, cpu)
+    videos = run_validation(cfg, comps, ddp, tmp_path / "val", 2, None)
+    assert [v.path.name for v in videos] == ["step-000002-01-a-blue-circle.mp4"] and videos[0].path.is_file()
+    one_prompt = len(forwards)
+    fsdp = Parallel("fsdp", rank1, comps.transformer, comps.transformer, cpu)
+    assert run_validation(cfg, comps, fsdp, tmp_path / "val", 4, None) == []
+    assert len(forwards) == 3 * one_prompt  # both prompts rendered, nothing written
+    assert [p.name for p in (tmp_path / "val" / "validation").iterdir()] == ["step-000002-01-a-blue-circle.mp4"]
 
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
