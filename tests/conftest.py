@@ -26,17 +26,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: takes more than a few seconds on CPU")
 
 
-# The fixtures that wait for the background torchrun launches (start_common_launches_early).
-BACKGROUND_USERS = frozenset({"two_rank_launch", "low_bit_references", "four_rank_runs"})
-
-
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    # The modules that wait for the background launches run last, whole (their module fixtures
-    # stay shared), so that the launches run beside every other test instead of the suite idling
-    # on them midway.
-    waits = {item.module for item in items
-             if BACKGROUND_USERS & set(getattr(item, "fixturenames", ())) and getattr(item, "module", None)}
-    items.sort(key=lambda item: getattr(item, "module", None) in waits)  # stable: order kept otherwise
     # GPU tests are reported as skipped with a reason, never silently dropped.
     if _HAS_CUDA:
         return
@@ -211,6 +201,6 @@ def start_common_launches_early(request: pytest.FixtureRequest) -> None:
     tests 4x slower beside all three at nice 10, the CLI subprocess tests 2.5x beside one at nice 10)."""
     used = {name for item in request.session.items for name in getattr(item, "fixturenames", ())}
     for started, user in (("two_rank_started", "two_rank_launch"), ("low_bit_started", "low_bit_references"),
-                          ("four_rank_started", "four_rank_runs")):  # BACKGROUND_USERS, in launch order
+                          ("four_rank_started", "four_rank_runs")):
         if user in used:
             request.getfixturevalue(started)
