@@ -35,6 +35,10 @@ def peak_flops(device: torch.device) -> float | None:
     return None if spec is None else spec.bf16_flops
 
 
+ATTENTION_BACKWARD = 2.5
+"""Attention's backward FLOPs per forward FLOP (the module docstring; the FlashAttention papers count the same)."""
+
+
 @dataclass(frozen=True)
 class ForwardFlops:
     """One sample's forward FLOPs by part (see the module docstring)."""
@@ -73,19 +77,32 @@ def transformer_flops_per_sample(
 ) -> float:
     """Model FLOPs of one forward + backward for one sample (see the module docstring)."""
     f = forward_flops(transformer_config, video_tokens, lora_rank, lora_targets)
-    return float(f.linear * (3 if full_finetune else 2) + f.attention * 3.5 + f.lora * 3)
+    return float(f.linear * (3 if full_finetune else 2) + f.attention * (1 + ATTENTION_BACKWARD) + f.lora * 3)
+
+
+# The forward parts each activation checkpointing policy runs again in backward: the whole forward
+# (`full`, `offload`), or all of it but attention, whose outputs `selective` keeps.
+RECOMPUTED_PARTS: dict[str, tuple[str, ...]] = {
+    "none": (), "selective": ("linear", "lora"), "full": ("linear", "attention", "lora"),
+    "offload": ("linear", "attention", "lora")}
 
 
 def executed_flops_per_sample(transformer_config: Any, video_tokens: int, lora_rank: int | None,
                               lora_targets: tuple[str, ...] = (), full_finetune: bool = False,
                               policy: str = "none") -> float:
-    """Model FLOPs plus what activation checkpointing recomputes in backward: the whole forward
-    (`full`, `offload`), or the forward but attention (`selective`)."""
+    """Model FLOPs plus what activation checkpointing recomputes in backward (RECOMPUTED_PARTS)."""
     f = forward_flops(transformer_config, video_tokens, lora_rank, lora_targets)
-    whole = f.linear + f.attention + f.lora
-    recompute = {"none": 0.0, "selective": f.linear + f.lora, "full": whole, "offload": whole}[policy]
+    recompute = sum(getattr(f, part) for part in RECOMPUTED_PARTS[policy])
     return transformer_flops_per_sample(transformer_config, video_tokens, lora_rank, lora_targets,
                                         full_finetune) + recompute
+
+
+def attention_flops_per_sample(transformer_config: Any, video_tokens: int, policy: str = "none"
+                               ) -> tuple[float, float]:
+    """Of executed_flops_per_sample, attention's: (forward with its recompute, backward). They run at an
+    attention kernel's rate, not the matmul peak."""
+    forward = forward_flops(transformer_config, video_tokens, None).attention
+    return forward * (1 + ("attention" in RECOMPUTED_PARTS[policy])), forward * ATTENTION_BACKWARD
 
 
 def video_tokens(latent_shape: torch.Size, variant: VariantSpec) -> int:

@@ -3,8 +3,9 @@
 The transformer is built from `model.path`'s transformer/config.json on the meta device and made
 trainable as `fastcog train` makes it (fastcog.build.make_trainable: adapters, SFT, FP8); then
 fastcog.plan estimates each rank's memory, the same estimate `activation_checkpointing: auto`
-uses. FLOPs come from fastcog.flops, rates from fastcog.gpus' datasheet table: a step time
-derived from them is a lower bound at peak rate, labelled as an estimate.
+uses. FLOPs come from fastcog.flops, rates from fastcog.gpus' tables: the predicted step time puts
+attention at the published rate of the backend the run would use and the other FLOPs at the datasheet
+peak; with every FLOP at the peak it is a lower bound. Both, and the MFU, are labelled as estimates.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from fastcog import plan as planning
 from fastcog.config import Config
 from fastcog.errors import ConfigError
 from fastcog.fast import checkpointing as ac
-from fastcog.gpus import GpuSpec
+from fastcog.fast.attention import AttentionChoice, planned_backend
+from fastcog.gpus import AttentionRate, GpuSpec, attention_rate
 from fastcog.plan import MemoryPlan
 
 # Switches that lower the peak, tried one at a time on a config that does not fit. Ordered by what
@@ -68,6 +70,33 @@ class Plan:
         fp8 = self.fp8_flops_per_step if self.gpu.fp8_flops else 0.0
         return (self.executed_flops_per_step - fp8) / self.gpu.bf16_flops + (
             fp8 / self.gpu.fp8_flops if fp8 else 0.0)
+
+    attention: AttentionChoice = AttentionChoice("unknown", "not planned")
+    """The attention kernel the run would use on this GPU (fastcog.fast.attention.planned_backend)."""
+    attention_flops_per_step: tuple[float, float] = (0.0, 0.0)
+    """Of executed_flops_per_step, attention's forward (with its recompute) and backward FLOPs."""
+
+    @property
+    def attention_rate(self) -> AttentionRate | None:
+        return attention_rate(self.gpu, self.attention.backend)
+
+    @property
+    def step_time_s(self) -> float:
+        """The predicted step time (an estimate): as the lower bound, but attention at its backend's
+        published rate (at the peak where there is none). Communication and overheads are not in it."""
+        rate = self.attention_rate
+        if rate is None:
+            return self.step_time_lower_bound_s
+        forward, backward = self.attention_flops_per_step
+        peak = self.gpu.bf16_flops
+        return (self.step_time_lower_bound_s + forward * (1 / rate.forward_flops - 1 / peak)
+                + backward * (1 / rate.backward_flops - 1 / peak))
+
+    @property
+    def mfu(self) -> float:
+        """Predicted MFU (an estimate): each GPU's share of the model FLOPs per predicted step time, over
+        the dense bf16 peak (as fastcog.flops computes the measured one)."""
+        return self.model_flops_per_step / self.nproc / (self.step_time_s * self.gpu.bf16_flops)
 
 
 def largest_bucket_tokens(cfg: Config, variant: Any) -> int:
@@ -116,7 +145,12 @@ def make_plan(cfg: Config, gpu: GpuSpec, nproc: int = 1, strategy: str = "fsdp",
               transformer_config: dict[str, Any] | None = None) -> Plan:
     """The plan of `cfg` on `nproc` GPUs of kind `gpu` (strategy fsdp or ddp when nproc > 1), for the
     architecture `transformer_config` when given (else `architecture(cfg, variant_name)`)."""
-    from fastcog.flops import executed_flops_per_sample, forward_flops, transformer_flops_per_sample
+    from fastcog.flops import (
+        attention_flops_per_sample,
+        executed_flops_per_sample,
+        forward_flops,
+        transformer_flops_per_sample,
+    )
     from fastcog.variants import detect_variant
 
     transformer = weightless_transformer(transformer_config or architecture(cfg, variant_name), cfg)
@@ -139,9 +173,11 @@ def make_plan(cfg: Config, gpu: GpuSpec, nproc: int = 1, strategy: str = "fsdp",
     if lora and cfg.fast.fp8 != "none":
         linear = forward_flops(*flops_args[:4]).linear
         fp8 = linear * (2 + (policy != "none")) * samples
+    attention = tuple(f * samples for f in attention_flops_per_sample(transformer.config, tokens, policy))
     return Plan(gpu, nproc, strategy if nproc > 1 else "none", tokens, memory, capacity, policy,
                 transformer_flops_per_sample(*flops_args) * samples * nproc,
-                executed_flops_per_sample(*flops_args, policy=policy) * samples, variant.name, comm, fp8)
+                executed_flops_per_sample(*flops_args, policy=policy) * samples, variant.name, comm, fp8,
+                planned_backend(cfg.fast.attention, gpu.capability, gpu.key), attention)
 
 
 def communication_bytes(m: MemoryPlan, nproc: int, strategy: str, accumulation: int, reshard: bool) -> int:
@@ -209,14 +245,31 @@ def lines(cfg: Config, plan: Plan, fixes: list[tuple[str, int]]) -> list[str]:
         *([f"  communication  {_gb(plan.comm_bytes_per_step).strip()} received per GPU per step"]
           if plan.nproc > 1 else []),
         f"  FLOPs per step  {plan.model_flops_per_step / 1e12:.1f} TFLOP model (all GPUs), "
-        f"{plan.executed_flops_per_step / 1e12:.1f} TFLOP executed per GPU with {plan.policy} recompute",
-        f"  step time       >= {plan.step_time_lower_bound_s:.2f} s per step (an estimate: the executed FLOPs at the "
-        f"{g.key} datasheet peak, bf16 {g.bf16_flops / 1e12:.0f} TFLOP/s"
-        + (f", FP8 {g.fp8_flops / 1e12:.0f} for the {plan.fp8_flops_per_step / 1e12:.0f} TFLOP of FP8 GEMMs"
-           if plan.fp8_flops_per_step and g.fp8_flops else "")
-        + "; real steps reach a fraction of it)",
+        f"{plan.executed_flops_per_step / 1e12:.1f} TFLOP executed per GPU with {plan.policy} recompute, of which "
+        f"attention {plan.attention_flops_per_step[0] / 1e12:.1f} forward + "
+        f"{plan.attention_flops_per_step[1] / 1e12:.1f} backward",
+        f"  attention       {plan.attention.backend} ({plan.attention.reason})",
+        f"                  {_rate_words(plan)}",
+        f"  step time       ~{plan.step_time_s:.2f} s per step predicted (an estimate until a run measures it: "
+        f"attention at that rate, the other FLOPs at the {g.key} datasheet peak, bf16 {g.bf16_flops / 1e12:.0f} "
+        "TFLOP/s" + (f", FP8 {g.fp8_flops / 1e12:.0f} for the {plan.fp8_flops_per_step / 1e12:.0f} TFLOP of FP8 GEMMs"
+                     if plan.fp8_flops_per_step and g.fp8_flops else "")
+        + "; nothing else is counted: elementwise kernels, the optimizer step"
+        + (", communication" if plan.nproc > 1 else "") + ", data loading)",
+        f"                  >= {plan.step_time_lower_bound_s:.2f} s lower bound (every executed FLOP at the peak)",
+        f"  MFU             ~{plan.mfu:.0%} predicted (an estimate: model FLOPs per GPU / (predicted step time x bf16 "
+        "peak))",
     ]
     return out
+
+
+def _rate_words(plan: Plan) -> str:
+    rate = plan.attention_rate
+    if rate is None:
+        return f"no published rate for it on {plan.gpu.key}: taken at the dense bf16 peak, an optimistic assumption"
+    return (f"fwd {rate.forward_flops / 1e12:.0f} / bwd {rate.backward_flops / 1e12:.0f} TFLOP/s, "
+            + (f"derived: {rate.derived}; " if rate.derived else "published: ")
+            + f"{rate.source}, {rate.setting}")
 
 
 def as_json(cfg: Config, plan: Plan, fixes: list[tuple[str, int]]) -> dict[str, Any]:
@@ -235,9 +288,15 @@ def as_json(cfg: Config, plan: Plan, fixes: list[tuple[str, int]]) -> dict[str, 
         "remedies": [{"set": s, "saves_bytes": b} for s, b in fixes],
         "model_flops_per_step": plan.model_flops_per_step,
         "executed_flops_per_step_per_gpu": plan.executed_flops_per_step,
+        "attention_flops_per_step_per_gpu": dict(zip(("forward", "backward"), plan.attention_flops_per_step)),
+        "attention": {"backend": plan.attention.backend, "why": plan.attention.reason,
+                      "rate": dataclasses.asdict(rate) if (rate := plan.attention_rate) else None},
+        "step_time_s": plan.step_time_s, "mfu": plan.mfu,
         "step_time_lower_bound_s": plan.step_time_lower_bound_s,
         "communication_bytes_per_step": plan.comm_bytes_per_step,
-        "estimate": "memory: fake-tensor estimate; time: executed FLOPs at the datasheet bf16 peak (a lower bound)",
+        "estimate": "memory: fake-tensor estimate; step_time_s and mfu: predicted, attention at its backend's "
+                    "published rate (attention.rate; the dense bf16 peak where null), the other FLOPs at the datasheet "
+                    "peak, no communication; step_time_lower_bound_s: every executed FLOP at the datasheet peak",
     }
 
 
@@ -270,7 +329,7 @@ def this_gpu(device: torch.device) -> GpuSpec:
     name = torch.cuda.get_device_name(device)
     total = torch.cuda.get_device_properties(device).total_memory
     known = gpu_by_device_name(name) or GpuSpec("this-gpu", name, total, float("nan"), None, float("nan"), "torch")
-    return dataclasses.replace(known, memory_bytes=total)
+    return dataclasses.replace(known, memory_bytes=total, capability=torch.cuda.get_device_capability(device))
 
 
 def auto_strategy(cfg: Config, gpu: GpuSpec | None, nproc: int, ddp_plan: Plan | None = None

@@ -120,6 +120,28 @@ def test_auto_checkpointing_and_plan_share_one_estimate(tiny_config, capsys, mon
     assert len(calls) == 2
 
 
+def test_the_step_time_puts_attention_at_its_backends_rate(tiny_checkpoint, clips, tmp_path, monkeypatch):
+    """The predicted step time moves by exactly the attention FLOPs' time when the backend's published
+    rate changes; with no rate for it, attention is at the dense peak (the lower bound). MFU follows."""
+    import fastcog.gpus as gpus
+    from fastcog.plan_report import make_plan
+
+    cfg = make_cfg(tiny_checkpoint("cogvideox-5b"), clips, tmp_path / "out", fast={"attention": "cudnn"},
+                   train={"activation_checkpointing": "full"})
+    plan = make_plan(cfg, gpus.gpu_by_key("h100-80gb"))
+    forward, backward = plan.attention_flops_per_step
+    assert plan.attention.backend == "cudnn" and forward > 0
+    assert forward == pytest.approx(2 * backward / 2.5)  # full recomputes attention's forward
+    rates = gpus.ATTENTION_RATES["h100-80gb"]
+    monkeypatch.setitem(rates, "cudnn", gpus.AttentionRate(100e12, 50e12, "test", "test"))
+    slow = plan.step_time_s
+    monkeypatch.setitem(rates, "cudnn", gpus.AttentionRate(200e12, 100e12, "test", "test"))
+    assert slow - plan.step_time_s == pytest.approx(forward / 200e12 + backward / 100e12)
+    assert plan.mfu == pytest.approx(plan.model_flops_per_step / (plan.step_time_s * 989e12))
+    monkeypatch.delitem(rates, "cudnn")
+    assert plan.attention_rate is None and plan.step_time_s == plan.step_time_lower_bound_s
+
+
 def test_a_config_that_does_not_fit_names_the_switches_that_help(tiny_config, capsys):
     """The tiny model on a 24 GB card with all but 100 kB of it held back as margin: no policy fits, and
     each switch that lowers the peak is listed with what it saves."""

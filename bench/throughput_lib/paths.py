@@ -122,7 +122,7 @@ class PathResult:
     """fastcog.plan's estimate for this path on a GPU (fastcog paths; the reference path keeps fp32
     frozen weights, which the plan does not model)."""
     planned_step_time_s: float | None = None
-    """The same plan's step-time lower bound on this GPU (every path: the FLOPs do not depend on how the
+    """The same plan's predicted step time on this GPU (every path: the FLOPs do not depend on how the
     frozen weights are stored); None on CPU or an unknown GPU, planned_step_time_note says why."""
     planned_step_time_note: str | None = None
     patch_report: dict[str, Any] = field(default_factory=dict)
@@ -289,7 +289,7 @@ def _run_path(spec: PathSpec, bench: Bench, res: PathResult) -> None:
 
 
 def record_plan(spec: PathSpec, bench: Bench, res: PathResult) -> None:
-    """The path's plan, made once: its peak (fastcog paths) and its step-time bound beside the measured ones."""
+    """The path's plan, made once: its peak (fastcog paths) and its predicted step time beside the measured ones."""
     # The reference's report describes diffusers' checkpointing in words; its config says "full".
     policy = spec.cfg.train.activation_checkpointing if spec.role == "reference" else \
         res.patch_report["activation_checkpointing"]

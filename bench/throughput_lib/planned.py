@@ -1,5 +1,5 @@
-"""fastcog.plan_report's plan of a path as it ran, made once per path: its estimated peak and its step-time
-lower bound, recorded beside the measured peak and step time."""
+"""fastcog.plan_report's plan of a path as it ran, made once per path: its estimated peak and its predicted
+step time, recorded beside the measured peak and step time."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from fastcog.gpus import GpuSpec
     from fastcog.plan_report import Plan
 
-CPU_REASON = "CPU run: the plan's step time is the executed FLOPs at a GPU's datasheet rate (fastcog.gpus)"
+CPU_REASON = "CPU run: the plan's step time is the executed FLOPs at a GPU's published rates (fastcog.gpus)"
 
 
 def device_gpu(device: torch.device) -> GpuSpec | None:
@@ -41,12 +41,18 @@ def path_plan(cfg: Config, transformer_config: dict[str, Any], policy: str, gpu:
 
 
 def step_time_estimate(plan: Plan, gpu: GpuSpec | None) -> tuple[float | None, str]:
-    """(the plan's step-time lower bound in seconds, what it is) or (None, why there is none)."""
+    """(the plan's predicted step time in seconds, what it is) or (None, why there is none)."""
     if gpu is None:
         return None, CPU_REASON
-    bound = plan.step_time_lower_bound_s
-    if not math.isfinite(bound):
+    predicted = plan.step_time_s
+    if not math.isfinite(predicted):
         return None, f"{gpu.device_name} has no entry in fastcog.gpus: no datasheet rate to divide by"
     fp8 = f", FP8 {gpu.fp8_flops / 1e12:.0f} for the FP8 GEMMs" if plan.fp8_flops_per_step and gpu.fp8_flops else ""
-    return bound, (f"lower bound: {plan.executed_flops_per_step / 1e12:.4g} TFLOP executed ({plan.policy} "
-                   f"recompute) at the {gpu.key} datasheet peak, bf16 {gpu.bf16_flops / 1e12:.0f} TFLOP/s{fp8}")
+    rate = plan.attention_rate
+    attention = (f"{plan.attention.backend}'s published fwd {rate.forward_flops / 1e12:.0f} / bwd "
+                 f"{rate.backward_flops / 1e12:.0f} TFLOP/s" if rate else
+                 f"the bf16 peak ({plan.attention.backend}: no published rate)")
+    return predicted, (f"predicted (an estimate): {plan.executed_flops_per_step / 1e12:.4g} TFLOP executed "
+                       f"({plan.policy} recompute), attention at {attention}, the rest at the {gpu.key} datasheet "
+                       f"peak, bf16 {gpu.bf16_flops / 1e12:.0f} TFLOP/s{fp8}; lower bound "
+                       f"{plan.step_time_lower_bound_s:.4g} s")

@@ -66,6 +66,38 @@ def _installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+def auto_backend(major: int, where: str) -> AttentionChoice:
+    """`auto` on a CUDA GPU of compute capability major.x (named `where` in the reason), with the
+    attention libraries installed in this environment."""
+    if major == 9 and _installed("flash_attn_interface"):
+        return AttentionChoice("fa3", f"auto on {where}: FlashAttention-3 is installed")
+    if major >= 9:
+        return AttentionChoice("cudnn", f"auto on {where}: cuDNN attention (flash_attn_interface not installed)")
+    if major == 8 and _installed("flash_attn"):
+        return AttentionChoice("flash_attn", f"auto on {where}: flash-attn 2 is installed")
+    if major >= 8:
+        return AttentionChoice("flash", f"auto on {where}: SDPA flash kernel")
+    return AttentionChoice("efficient", f"auto on {where}: memory-efficient SDPA (no flash kernel before sm80)")
+
+
+def planned_backend(requested: str, capability: tuple[int, int] | None, where: str) -> AttentionChoice:
+    """The kernel a run would use on a GPU of this capability, worked out without the GPU (`fastcog plan`):
+    auto's choice as choose_backend makes it (the libraries it looks for: as installed here), SDPA's own
+    choice as the kernel its default priority tries first (flash from sm80, for bf16 without a mask), an
+    explicit backend as configured (whether it is installed is checked where the run starts)."""
+    if capability is None:
+        return AttentionChoice("unknown", f"{where}: compute capability unknown")
+    major, minor = capability
+    where = f"{where}, sm{major}{minor}"
+    if requested == "auto":
+        choice = auto_backend(major, where)
+        return AttentionChoice(choice.backend, choice.reason + "; libraries as on this machine")
+    if requested == "sdpa":
+        kernel = "flash" if major >= 8 else "efficient"
+        return AttentionChoice(kernel, f"sdpa on {where}: SDPA's first choice, its {kernel} kernel")
+    return AttentionChoice(requested, f"configured (fast.attention={requested})")
+
+
 def choose_backend(requested: str, device: torch.device) -> AttentionChoice:
     """Resolve `fast.attention` for this device; an unavailable explicit choice is an error."""
     if device.type != "cuda":
@@ -77,18 +109,8 @@ def choose_backend(requested: str, device: torch.device) -> AttentionChoice:
             )
         return AttentionChoice(requested, "requested")
     major, minor = torch.cuda.get_device_capability(device)
-    name = torch.cuda.get_device_name(device)
-    where = f"{name}, sm{major}{minor}"
     if requested == "auto":
-        if major == 9 and _installed("flash_attn_interface"):
-            return AttentionChoice("fa3", f"auto on {where}: FlashAttention-3 is installed")
-        if major >= 9:
-            return AttentionChoice("cudnn", f"auto on {where}: cuDNN attention (flash_attn_interface not installed)")
-        if major == 8 and _installed("flash_attn"):
-            return AttentionChoice("flash_attn", f"auto on {where}: flash-attn 2 is installed")
-        if major >= 8:
-            return AttentionChoice("flash", f"auto on {where}: SDPA flash kernel")
-        return AttentionChoice("efficient", f"auto on {where}: memory-efficient SDPA (no flash kernel before sm80)")
+        return auto_backend(major, f"{torch.cuda.get_device_name(device)}, sm{major}{minor}")
     if requested == "fa3" and not _installed("flash_attn_interface"):
         raise ConfigError(
             "fast.attention=fa3 needs FlashAttention-3 (module flash_attn_interface): install it or use auto"
