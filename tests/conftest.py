@@ -102,12 +102,14 @@ def four_rank_started(torchrun_data, background, tmp_path_factory):
     than either job), queued in the background: `hsdp`, test_distributed's HSDP training run, and
     `fp8_worker`, test_fp8_fsdp's FP8 sharding worker (tests/fp8_runs.py) as HSDP (replicate degree
     2). CPU and gloo even where a GPU is visible. (folder of the runs, Future of the outcomes)."""
+    from tests.fp8_runs import HSDP_FP8_KIND
     from tests.torchrun import Call, hsdp_config
 
     root = tmp_path_factory.mktemp("four_rank_runs")
     (root / "fp8_worker").mkdir()
     runs = {"hsdp": hsdp_config(torchrun_data, root / "hsdp"),
-            "fp8_worker": Call("tests.fp8_runs:worker", [str(root / "fp8_worker"), torchrun_data["model"], "2"])}
+            "fp8_worker": Call("tests.fp8_runs:worker", [str(root / "fp8_worker"), torchrun_data["model"], "2",
+                                                         HSDP_FP8_KIND])}
     return root, background.submit(runs, root, nproc=4, cpu_only=True, background=True)
 
 

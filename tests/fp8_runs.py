@@ -27,6 +27,7 @@ def _rowwise_scaled_mm_on_cpu() -> bool:
 
 ROWWISE_ON_CPU = _rowwise_scaled_mm_on_cpu()
 KINDS = ["storage", "tensorwise"] + (["rowwise"] if ROWWISE_ON_CPU else [])
+HSDP_FP8_KIND = "tensorwise"  # the one kind the 4-rank (HSDP) worker runs: an FP8 matmul, on every CPU
 
 
 def fast_section(kind: str) -> dict:
