@@ -233,7 +233,7 @@ def _run_plan(plan_path: str, report: str) -> None:
 
 # test_distributed's HSDP run: a 2 x 2 mesh (replicate x shard), activation checkpointing in each
 # sharded block, 4 ranks x batch 1 (one process x batch 4 is its reference).
-HSDP_SECTIONS = {"train": {"train_steps": 4, "activation_checkpointing": "full"}, "checkpoint": {"every_steps": 0}}
+HSDP_SECTIONS = {"train": {"train_steps": 2, "activation_checkpointing": "full"}, "checkpoint": {"every_steps": 0}}
 
 
 def hsdp_config(data: dict[str, str], out: Path) -> dict:
