@@ -59,7 +59,7 @@ POLICY_CASES = {
     "none": ({"attention": "sdpa"}, "none"),
     "full": ({"attention": "sdpa"}, "full"),
     "selective": ({"attention": "sdpa"}, "selective"),
-    "auto": ({"attention": "sdpa"}, "auto"),
+    "offload": ({"attention": "sdpa"}, "offload"),
     "compile-offload": ({"attention": "sdpa", "compile": True}, "offload"),
     "compile-selective": ({"attention": "sdpa", "compile": True}, "selective"),
     "kernels-compile-full": ({**KERNELS, "compile": True}, "full"),
