@@ -20,7 +20,6 @@ from fastcog.data.buckets import Bucket, BucketBatchSampler
 
 # fastcog.build's report lines are "topic: text"; a topic it has no row for keeps its own name.
 ROW_OF_TOPIC = {"activation checkpointing": "checkpointing", "lora kernel": "lora kernel"}
-STRATEGY_TOPIC = "parallel"  # fastcog.plan_report.check_run's line for `parallel.strategy: auto`'s choice
 
 
 @dataclass
@@ -42,16 +41,10 @@ class RunStart:
     device: torch.device
     build_lines: list[str] = field(default_factory=list)
     """fastcog.build's report: "attention: ...", "activation checkpointing: ...", "fp8: ..." ..."""
-    plan_lines: list[str] = field(default_factory=list)
-    """check_run's lines that belong here (the strategy choice), see split_plan_lines."""
+    strategy_choice: str | None = None
+    """`parallel.strategy: auto`'s choice and why (fastcog.plan_report.RunCheck); None when not auto."""
     validation: str | None = None
     """The held-out set and its validation loss (fastcog.val_loss.describe); None: nothing held out."""
-
-
-def split_plan_lines(lines: Sequence[str]) -> tuple[list[str], list[str]]:
-    """check_run's lines -> (to print now: warnings, for the banner: the strategy choice)."""
-    later = [ln for ln in lines if ln.startswith(f"{STRATEGY_TOPIC}: ")]
-    return [ln for ln in lines if ln not in later], later
 
 
 def banner(s: RunStart) -> list[str]:
@@ -120,8 +113,7 @@ def _parallel(s: RunStart) -> str:
     line = f"{s.strategy} over {s.world_size} ranks on {where}"
     if s.strategy == "fsdp" and s.cfg.parallel.replicate_degree > 1:
         line += f" (HSDP: {s.cfg.parallel.replicate_degree} replicas)"
-    reasons = [_topic(ln)[1] for ln in s.plan_lines]
-    return line + "".join(f"; {r}" for r in reasons)
+    return line + (f"; {s.strategy_choice}" if s.strategy_choice else "")
 
 
 def _checkpointing(cfg: Config, built: str | None) -> str:

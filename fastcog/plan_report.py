@@ -352,22 +352,31 @@ def auto_strategy(cfg: Config, gpu: GpuSpec | None, nproc: int, ddp_plan: Plan |
     return "fsdp", f"LoRA, but the replicated model does not fit (estimated peak {peak}): sharded with FSDP2", plan
 
 
-def check_run(cfg: Config, device: torch.device, nproc: int, strategy: str) -> tuple[str, list[str]]:
+@dataclass(frozen=True)
+class RunCheck:
+    """check_run's answer."""
+
+    strategy: str
+    strategy_choice: str | None = None
+    """`parallel.strategy: auto`'s choice and why ("auto chose ddp: ..."); None when not auto."""
+    warnings: tuple[str, ...] = ()
+    """To print at once: a config that fits only without headroom."""
+
+
+def check_run(cfg: Config, device: torch.device, nproc: int, strategy: str) -> RunCheck:
     """Before any weight is loaded: `parallel.strategy: auto`'s choice (several ranks), then, on a GPU,
-    the fit check: raise when the config cannot fit. Returns (strategy, lines to print: the choice, a
-    warning when it fits only without headroom). Each plan is made once."""
+    the fit check: raise when the config cannot fit, warn when it fits only without headroom. Each
+    plan is made once."""
     gpu = this_gpu(device) if device.type == "cuda" else None
-    lines, plan = [], None
+    choice, plan = None, None
     if cfg.parallel.strategy == "auto" and strategy == "fsdp":
         strategy, why, plan = auto_strategy(cfg, gpu, nproc)
-        lines.append(f"parallel: auto chose {strategy}: {why}")
+        choice = f"auto chose {strategy}: {why}"
     if gpu is None or not cfg.fast.fit_check:
-        return strategy, lines
+        return RunCheck(strategy, choice)
     if plan is None or plan.strategy != strategy:
         plan = make_plan(cfg, gpu, nproc, strategy)
     verdict, line = fit_verdict(cfg, plan)
     if verdict == "too big":
         raise ConfigError(line)
-    if verdict == "tight":
-        lines.append(f"fastcog: warning: {line}")
-    return strategy, lines
+    return RunCheck(strategy, choice, (f"fastcog: warning: {line}",) if verdict == "tight" else ())

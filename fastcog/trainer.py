@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from fastcog.banner import RunStart, banner, split_plan_lines
+from fastcog.banner import RunStart, banner
 from fastcog.build import build_training_model, seed_everything
 from fastcog.checkpoint import Checkpointer, TrainState, load_checkpoint
 from fastcog.config import Config, to_dict
@@ -232,10 +232,10 @@ def train(cfg: Config) -> RunSummary:
     check_fast_path(cfg, device)
     write_demo_data(cfg, world)
     variant, split = check_data(cfg)  # the held-out set (fastcog.data.heldout) is never trained on
-    strategy, plan_lines = check_run(cfg, device, world.world_size, strategy)
-    warnings, plan_lines = split_plan_lines(plan_lines)  # the strategy's choice waits for the banner
+    run_check = check_run(cfg, device, world.world_size, strategy)  # the strategy's choice waits for the banner
+    strategy = run_check.strategy
     if world.is_main:
-        print("\n".join(warnings), end="\n" if warnings else "")
+        print("\n".join(run_check.warnings), end="\n" if run_check.warnings else "")
     out, resume_path, record = prepare_output_dir(cfg, variant, world)
     seed_everything(cfg.train.seed)
 
@@ -266,7 +266,8 @@ def train(cfg: Config) -> RunSummary:
         print("\n".join(banner(RunStart(
             cfg, variant.name, sampler, buckets_for(cfg), steps=steps, start_step=state.step, resumed_from=resume_path,
             trainable=sum(p.numel() for p in params), world_size=world.world_size, strategy=strategy, device=device,
-            build_lines=model.report.lines, plan_lines=plan_lines, validation=describe(split, heldout, val_loss)))))
+            build_lines=model.report.lines, strategy_choice=run_check.strategy_choice,
+            validation=describe(split, heldout, val_loss)))))
     metrics = (MetricsWriter(out, cfg.log.report_to, cfg.log.tracker_name, to_dict(cfg),
                              resume_step=state.step if resume_path else None) if world.is_main else None)
     checkpointer = Checkpointer(out, world, cfg.checkpoint.limit, cfg.checkpoint.async_save, record)

@@ -198,9 +198,10 @@ def low_bit_references(low_bit_started) -> Path:
 @pytest.fixture(scope="session", autouse=True)
 def start_common_launches_early(request: pytest.FixtureRequest) -> None:
     """A session that will use the common torchrun launches starts them before its first test. They run
-    beside the tests before their first user, on the core those mostly leave idle: one at a time and
-    at the lowest priority, as more slowed the tests down (measured: the Triton-interpreter kernel
-    tests 4x slower beside all three at nice 10, the CLI subprocess tests 2.5x beside one at nice 10)."""
+    beside the tests before their first user, on the core those mostly leave idle: one at a time and at
+    the lowest priority, because anything more slows the tests (measured: beside all three at nice 10 the
+    Triton-interpreter kernel tests run 4x slower, and beside one at nice 10 the CLI subprocess tests
+    2.5x slower)."""
     used = {name for item in request.session.items for name in getattr(item, "fixturenames", ())}
     for started, user in (("two_rank_started", "two_rank_launch"), ("low_bit_started", "low_bit_references"),
                           ("four_rank_started", "four_rank_runs")):

@@ -174,9 +174,9 @@ def test_prepare_progress_lines_on_a_non_terminal():
 
 
 def test_banner_says_each_fact_once():
-    """Two ranks under fsdp in bf16 with `auto` checkpointing: the strategy's reason (check_run's line) and
-    the fast path's report (fastcog.build's lines) become rows; the warning stays out, to print at once."""
-    from fastcog.banner import RunStart, banner, split_plan_lines
+    """Two ranks under fsdp in bf16 with `auto` checkpointing: the strategy's reason (check_run's
+    strategy_choice) and the fast path's report (fastcog.build's lines) become rows."""
+    from fastcog.banner import RunStart, banner
     from fastcog.config import config_from_dict
     from fastcog.data.buckets import BucketBatchSampler
 
@@ -187,13 +187,11 @@ def test_banner_says_each_fact_once():
                   "activation_checkpointing": "auto"},
         "fast": {"attention": "sdpa"},
     })
-    now, later = split_plan_lines(["parallel: auto chose fsdp: it fits", "fastcog: warning: tight"])
-    assert now == ["fastcog: warning: tight"]
     sampler = BucketBatchSampler([0, 0, 0, 1, 1], 1, 0, rank=0, world_size=2)
     lines = banner(RunStart(
         cfg, "cogvideox-5b", sampler, [(9, 64, 96), (9, 96, 64)], steps=30, start_step=10,
         resumed_from=Path("/runs/a/checkpoint-10"), trainable=1_234_567, world_size=2, strategy="fsdp",
-        device=torch.device("cpu"), plan_lines=later,
+        device=torch.device("cpu"), strategy_choice="auto chose fsdp: it fits",
         build_lines=["attention: sdpa (requested)", "activation checkpointing: auto chose selective; peaks ..."]))
     rows = {line.split()[0]: line.split(None, 1)[1] for line in lines[1:]}
     assert lines[0] == "fastcog train: cogvideox-5b from /models/x"
