@@ -219,3 +219,36 @@ def test_a_switch_that_cannot_run_fails_before_the_output_dir_is_touched(model_p
     with pytest.raises(ConfigError, match="fast.fused_loss"):
         train(cfg)
     assert not out.exists() and not (tmp_path / "clips").exists()
+
+
+def one_lora_linear() -> torch.nn.Module:
+    """A single peft LoRA Linear with an fp32 base and fp32 adapters (B non-zero), patched to the fused kernel."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from fastcog.fast.lora import use_fused_lora
+
+    torch.manual_seed(0)
+    net = torch.nn.Module()
+    net.proj = torch.nn.Linear(32, 24)
+    inject_adapter_in_model(LoraConfig(r=4, lora_alpha=8, target_modules=["proj"], lora_dropout=0.0), net)
+    net.requires_grad_(False)
+    with torch.no_grad():
+        net.proj.lora_B["default"].weight.normal_(0, 0.1)
+    assert use_fused_lora(net) == ["proj"]
+    return net.proj
+
+
+def test_fused_lora_computes_in_the_autocast_dtype():
+    """fp32 frozen weights under bf16 autocast: the fused kernel runs in bf16, as peft's linears do under
+    autocast; without autocast an fp32 base computes in fp32."""
+    from peft.tuners.lora import Linear as LoraLinear
+
+    layer = one_lora_linear()
+    x = torch.randn(2, 8, 32, generator=torch.Generator().manual_seed(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused, unfused = layer(x), LoraLinear.forward(layer, x)
+    assert fused.dtype == unfused.dtype == torch.bfloat16
+    torch.testing.assert_close(fused, unfused, rtol=2e-2, atol=2e-2)
+    fused, unfused = layer(x), LoraLinear.forward(layer, x)
+    assert fused.dtype == unfused.dtype == torch.float32
+    torch.testing.assert_close(fused, unfused, rtol=1e-5, atol=1e-5)

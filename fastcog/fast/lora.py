@@ -6,10 +6,12 @@ into the base GEMM (kernels/lora_linear.py). Only each peft `Linear`'s `forward`
 (an instance attribute), so the module tree, the parameter names, the checkpoint and the
 diffusers export are exactly those of the reference path.
 
-Dtypes: frozen weights are stored in the compute dtype, the adapters in fp32. The kernel
-computes in the input's dtype, so the input is cast to the base weight's dtype and the fp32
-adapters are cast to it too, which is what autocast does for peft's three linears; the
-adapter gradients flow back through that cast into the fp32 master weights.
+Dtypes: the kernel computes in the input's dtype and casts the base weight, bias and fp32
+adapters to it; the adapter gradients flow back through that cast into the fp32 master
+weights. Under autocast the input is cast to the autocast dtype, as autocast does for peft's
+three linears, so frozen weights kept in fp32 under bf16 autocast still compute in bf16 (in the
+base weight's dtype they would run the kernel in fp32, about twice as slow as peft). Without
+autocast the input is cast to the base weight's dtype (frozen weights stored in the compute dtype).
 """
 
 from __future__ import annotations
@@ -25,7 +27,12 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     from fastcog.kernels import lora_linear
 
     base = self.base_layer
-    x = x.to(base.weight.dtype)
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+    else:
+        dtype = base.weight.dtype
+    x = x.to(dtype)
     return lora_linear(x, base.weight, base.bias, self.lora_A[ADAPTER_NAME].weight,
                        self.lora_B[ADAPTER_NAME].weight, self.scaling[ADAPTER_NAME])
 
