@@ -14,7 +14,7 @@ setup(
     name="fastcog",
     version=VERSION,
     description="Fast, trustworthy LoRA / full fine-tuning for CogVideoX video diffusion models",
-    python_requires=">=3.10",
+    python_requires=">=3.11",
     packages=["fastcog", "fastcog.data", "fastcog.kernels"],
     package_dir={"fastcog": "fastcog", "fastcog.kernels": "kernels"},
     install_requires=[

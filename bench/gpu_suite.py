@@ -5,7 +5,7 @@
 
 Stages, in this order (bench/suite_lib/stages.py holds each one's commands and time cap):
 
-  setup      install the wheels found in wheels/ or .whl/ (bench/fetch_gpu_wheels.sh) into /tmp/site,
+  setup      install the wheels found in wheels/ or .whl/ (bench/fetch_gpu_wheels.py) into /tmp/site,
              put it first on PYTHONPATH; record versions, CUDA, cuDNN, the GPU and the commit
   probe      bench/gpu_probe.py: SDPA's own choice, each attention backend, bf16 / FP8 GEMM rates,
              the fused LoRA-linear against cuBLAS + addmm, device-to-device bandwidth

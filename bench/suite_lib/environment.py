@@ -88,7 +88,7 @@ def main(argv: list[str]) -> int:
     out.write_text(json.dumps(record, indent=1))
     print(json.dumps(record, indent=1))
     if missing:
-        print(f"setup: cannot import {'; '.join(missing)}: carry the wheels (bench/fetch_gpu_wheels.sh)",
+        print(f"setup: cannot import {'; '.join(missing)}: carry the wheels (bench/fetch_gpu_wheels.py)",
               file=sys.stderr)
         return 1
     if "--require-cuda" in argv and not record["gpu"]["cuda_available"]:
