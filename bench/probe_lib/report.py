@@ -56,7 +56,7 @@ def environment(sec: dict[str, Any]) -> list[str]:
     facts = sec.get("facts") or {}
     if facts.get("status") != OK:
         return [notes.cell(facts, "", "environment"), *notes.render()]
-    rows = [[k, "-" if v is None else str(v)] for k, v in facts.items() if k not in ("status", "wall_s")]
+    rows = [[k, "-" if v is None else str(v)] for k, v in facts.items() if k not in ("status", "wall_s", "at_s")]
     return _table(["fact", "value"], rows)
 
 
