@@ -65,25 +65,33 @@ def throughput_line(path: Path | None) -> str:
 
 
 def probe_line(path: Path) -> str:
+    """SDPA's own choice, the fastest attention backend against auto's pick, FP8 and fused-LoRA ratios."""
     report = _load(path)
     if report is None:
         return "no probe results"
+    s = report.get("summary") or {}
     parts = []
-    for key in ("sdpa_choice", "attention_fastest", "auto_backend"):
-        if report.get(key) is not None:
-            parts.append(f"{key}: {report[key] if not isinstance(report[key], dict) else _short(report[key])}")
-    parts.append(f"{sum(1 for _ in _measurements(report))} measurements")
-    return "; ".join(parts)
+    if s.get("sdpa_choice"):
+        parts.append("SDPA picks " + ", ".join(f"{k} {v}" for k, v in s["sdpa_choice"].items()))
+    if s.get("attention_fastest") is not None:
+        parts.append(f"fastest attention {_plain(s['attention_fastest'])}, auto {_plain(s.get('auto_backend'))}")
+    for key, label in (("fp8_rowwise_speedup", "FP8 rowwise / bf16"),
+                       ("lora_fused_over_unfused_forward_backward", "fused / unfused LoRA fwd+bwd")):
+        if s.get(key):
+            parts.append(f"{label}: " + ", ".join(f"{k} {_plain(v)}" for k, v in s[key].items()))
+    if s.get("copy_gb_per_s") is not None:
+        parts.append(f"copy {_plain(s['copy_gb_per_s'])} GB/s")
+    if not report.get("complete"):
+        parts.append("incomplete")
+    return "; ".join(parts) or "probe wrote no summary"
 
 
-def _short(value: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={v}" for k, v in value.items() if not isinstance(v, (dict, list)))
-
-
-def _measurements(report: dict[str, Any]):
-    for value in report.values():
-        if isinstance(value, list):
-            yield from value
+def _plain(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_plain(v)}" for k, v in value.items() if not isinstance(v, (dict, list)))
+    return str(value)
 
 
 def pytest_line(path: Path) -> str:
