@@ -3,6 +3,8 @@
 Public API (docs/design.md, "Interfaces"):
 
 * ``lora_linear(x, weight, bias, lora_a, lora_b, scale)``
+* ``lora_linear_fp8(x, weight_fp8, weight_inv_scale, weight_t_fp8, weight_t_inv_scale, bias, lora_a, lora_b,
+  scale, recipe)``: the same on a frozen FP8 base as ``fastcog.fast.fp8.Fp8Linear`` stores it
 * ``add_noise(latents, noise, timesteps, alphas_cumprod)``
 * ``velocity_mse_loss(model_output, noisy_latents, latents, timesteps, alphas_cumprod)``
 
@@ -23,9 +25,10 @@ imported (the CPU test tier does that in tests/conftest.py).
 # nothing and hands the name to the PyPI package when one is installed, else stays empty.
 if __name__ == "fastcog.kernels":
     from .diffusion_loss import add_noise, velocity_mse_loss
+    from .lora_linear_fp8_op import lora_linear_fp8
     from .lora_linear_op import lora_linear
 
-    __all__ = ["lora_linear", "add_noise", "velocity_mse_loss"]
+    __all__ = ["lora_linear", "lora_linear_fp8", "add_noise", "velocity_mse_loss"]
 else:
     import importlib.machinery as _machinery
     import importlib.util as _util

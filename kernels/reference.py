@@ -18,6 +18,8 @@ import torch.nn.functional as F
 __all__ = [
     "lora_linear_reference",
     "lora_linear_reference_fp64",
+    "lora_linear_fp8_reference",
+    "lora_linear_fp8_reference_fp64",
     "add_noise_reference",
     "add_noise_reference_fp64",
     "velocity_mse_loss_reference",
@@ -58,6 +60,86 @@ def lora_linear_reference_fp64(
 ) -> torch.Tensor:
     """Ground truth: the same formula in float64 (differentiable through the casts)."""
     return lora_linear_reference(*_fp64(x, weight, bias, lora_a, lora_b), scale)
+
+
+# --------------------------------------------------------------------------- LoRA linear on an FP8 base
+
+
+def lora_linear_fp8_reference(
+    x: torch.Tensor,
+    weight_fp8: torch.Tensor,
+    weight_inv_scale: torch.Tensor,
+    weight_t_fp8: torch.Tensor,
+    weight_t_inv_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: float,
+    recipe: str,
+) -> torch.Tensor:
+    """fastcog's unfused path: Fp8Linear's FP8 matmul (``_scaled_mm``, dx by its autograd) + bias, then
+    peft's ``+ lora_B(lora_A(x)) * scaling``, all in x's dtype (adapters and bias cast to it)."""
+    from fastcog.fast.fp8 import _Fp8LinearFn
+
+    dtype = x.dtype
+    x2d = x.reshape(-1, x.shape[-1])
+    y = _Fp8LinearFn.apply(x2d, weight_fp8, weight_inv_scale, weight_t_fp8, weight_t_inv_scale, recipe == "rowwise")
+    y = y.reshape(*x.shape[:-1], weight_fp8.shape[0])
+    if bias is not None:
+        y = y + bias.to(dtype)
+    return y + F.linear(F.linear(x, lora_a.to(dtype)), lora_b.to(dtype)) * scale
+
+
+class _DequantisedFp8Base(torch.autograd.Function):
+    """fp64 ``x @ W.T`` on exactly the FP8 operands: q(x) and q(W) dequantised in fp64; dx = deq(q(dy)) @ deq(q(W^T)).T.
+
+    x and dy are quantised by fastcog.fast.fp8.quantize (fp64 inputs holding bf16 / fp16 values quantise to
+    the same bits as the values themselves): e4m3, dy e5m2 under tensorwise.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w, w_inv, wt, wt_inv, rowwise: bool):  # type: ignore[override]
+        from fastcog.fast.fp8 import E4M3, quantize
+
+        ctx.save_for_backward(wt, wt_inv)
+        ctx.rowwise = rowwise
+        xq, x_inv = quantize(x, E4M3, rowwise)
+        return (xq.double() * x_inv.double()) @ (w.double() * w_inv.double().reshape(-1, 1)).T
+
+    @staticmethod
+    def backward(ctx, dy):  # type: ignore[override]
+        from fastcog.fast.fp8 import E4M3, E5M2, quantize
+
+        wt, wt_inv = ctx.saved_tensors
+        dq, d_inv = quantize(dy, E4M3 if ctx.rowwise else E5M2, ctx.rowwise)
+        dx = (dq.double() * d_inv.double()) @ (wt.double() * wt_inv.double().reshape(-1, 1)).T
+        return dx, None, None, None, None, None
+
+
+def lora_linear_fp8_reference_fp64(
+    x: torch.Tensor,
+    weight_fp8: torch.Tensor,
+    weight_inv_scale: torch.Tensor,
+    weight_t_fp8: torch.Tensor,
+    weight_t_inv_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: float,
+    recipe: str,
+) -> torch.Tensor:
+    """Ground truth for the fused op from the same rounded inputs: the base term in fp64 on the quantised
+    operands (``_DequantisedFp8Base``), the LoRA term and bias in fp64 on the unquantised x, as the kernels
+    compute them. Pass x, bias and the adapters as fp64 leaves holding the compute-dtype values; the
+    gradients are then exact for those operands."""
+    x, bias, lora_a, lora_b = _fp64(x, bias, lora_a, lora_b)
+    x2d = x.reshape(-1, x.shape[-1])
+    y = _DequantisedFp8Base.apply(
+        x2d, weight_fp8, weight_inv_scale, weight_t_fp8, weight_t_inv_scale, recipe == "rowwise"
+    ).reshape(*x.shape[:-1], weight_fp8.shape[0])
+    if bias is not None:
+        y = y + bias
+    return y + F.linear(F.linear(x, lora_a), lora_b) * scale
 
 
 # --------------------------------------------------------------------------- diffusion objective
