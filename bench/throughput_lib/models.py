@@ -37,7 +37,8 @@ class Bench:
     seed: int
     warmup: int
     total_steps: int
-    """Warm-up + the longest path's timed steps: the LR schedule's length in every path."""
+    """The LR schedule's length in every path: warm-up + the longest path's timed steps, or the reused
+    reference's (--reference-from)."""
     latent_shape: tuple[int, ...]
     """Per sample, [C, F, H, W]."""
     video_tokens: int
@@ -122,7 +123,8 @@ def make_batches(n: int, batch: int, latent_shape: tuple[int, ...], text_shape: 
 
 def setup_bench(args: argparse.Namespace, cfg: Config, variant_name: str, tiny: bool, device: torch.device,
                 max_steps: int, warmup: int) -> Bench:
-    """max_steps: the most timed steps of any path (each path takes its batches from the start)."""
+    """max_steps: the LR schedule's length after the warm-up, at least the most timed steps of any path
+    (each path takes its batches from the start)."""
     from fastcog.config import validate_for_variant
     from fastcog.flops import peak_flops, transformer_flops_per_sample, video_tokens
     from fastcog.models import TORCH_DTYPES

@@ -1,10 +1,9 @@
-"""The paths: the plan (reference, fastcog, one ablation row per switch), building one path's
-model, optimizer and objective, the training step every path runs, and running a path into a
-PathResult."""
+"""One path: its starting adapters, building its model, optimizer and objective, the training step
+every path runs, and running it into a PathResult (the plan of paths is rows.py's)."""
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import dataclasses
 import gc
 import math
@@ -14,11 +13,12 @@ import traceback
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import yaml
-
-from .config import PARAMETER_FIELDS, reference_config
+from .attention_probe import NO_WARMUP, attention_kernels, attention_profiler
 from .models import quiet_to
 from .planned import device_gpu, path_plan, step_time_estimate
+from .rows import PathSpec, plan_paths
+
+__all__ = ["PathResult", "PathSpec", "build_path", "plan_paths", "run_path"]  # plan_paths: for the tests
 
 if TYPE_CHECKING:
     import torch
@@ -28,76 +28,9 @@ if TYPE_CHECKING:
     from .models import Bench
 
 LORA_B_INIT_RATIO = 0.1
-"""--lora-b-init random: B ~ N(0, s^2) with s = ratio / (scale * sqrt(r)). With peft's A (kaiming
-uniform, std 1/sqrt(3 in)) and a base weight of the same init, the adapter output is then about
-`ratio` times the base linear's output: large enough that a wrong LoRA scale moves the loss."""
-
-
-# --------------------------------------------------------------------------------------------
-# Paths
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class PathSpec:
-    name: str
-    role: str
-    """reference | fastcog | ablation"""
-    switches: tuple[str, ...]
-    """What differs from the reference path, as section.key=value."""
-    cfg: Config
-    frozen_dtype: str
-    """Storage dtype of the frozen base weights (the reference: fp32)."""
-    steps: int
-
-
-def switch_list(ref: Config, cfg: Config, frozen_dtype: str) -> list[tuple[str, dict[str, dict[str, Any]]]]:
-    """(label, {section: {key: value}}) for each switch `cfg` turns on relative to `ref`."""
-    out: list[tuple[str, dict[str, dict[str, Any]]]] = []
-    if frozen_dtype != "fp32":
-        out.append((f"frozen weights stored in {frozen_dtype}", {}))
-    for f in dataclasses.fields(cfg.fast):
-        value = getattr(cfg.fast, f.name)
-        if f.name not in PARAMETER_FIELDS and value != getattr(ref.fast, f.name):
-            out.append((f"fast.{f.name}={_yaml_value(value)}", {"fast": {f.name: value}}))
-    ac = cfg.train.activation_checkpointing
-    if ac != ref.train.activation_checkpointing:
-        change: dict[str, dict[str, Any]] = {"train": {"activation_checkpointing": ac}}
-        label = f"train.activation_checkpointing={ac}"
-        if ac == "selective" and ref.fast.attention == "reference":
-            # selective keeps fastcog's attention outputs: it cannot run without fastcog's processor.
-            change["fast"] = {"attention": cfg.fast.attention}
-            label += f" + fast.attention={cfg.fast.attention}"
-        out.append((label, change))
-    for key in ("name", "fused", "cpu_offload"):
-        value = getattr(cfg.optim, key)
-        if value != getattr(ref.optim, key):
-            out.append((f"optim.{key}={_yaml_value(value)}", {"optim": {key: value}}))
-    return out
-
-
-def _yaml_value(value: Any) -> str:
-    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
-
-
-def plan_paths(cfg: Config, fast_cfg: Config, args: argparse.Namespace, steps: int) -> list[PathSpec]:
-    ref = reference_config(cfg)
-    fast_dtype = fast_cfg.model.dtype
-    paths = [PathSpec("reference", "reference", (), ref, "fp32", steps)]
-    switches = switch_list(ref, fast_cfg, fast_dtype)
-    extra = [f"(fast-only) {s}" for s in args.fast_only_set]
-    paths.append(PathSpec("fastcog", "fastcog", tuple([s for s, _ in switches] + extra), fast_cfg, fast_dtype,
-                          steps))
-    if args.ablation:
-        for label, change in switches:
-            row_cfg = ref
-            for section, values in change.items():
-                row_cfg = dataclasses.replace(row_cfg, **{
-                    section: dataclasses.replace(getattr(row_cfg, section), **values)})
-            dtype = fast_dtype if not change else "fp32"  # the storage row is the one with no config change
-            paths.append(PathSpec(f"+ {label}", "ablation", (label,), row_cfg, dtype,
-                                  args.ablation_steps or steps))
-    return paths
+"""--lora-b-init random: B ~ N(0, s^2) with s = ratio / (scale * sqrt(r)). With A drawn as peft draws it
+(kaiming uniform, std 1/sqrt(3 in)) and a base weight of the same init, the adapter output is then
+about `ratio` times the base linear's output: large enough that a wrong LoRA scale moves the loss."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -127,8 +60,13 @@ class PathResult:
     planned_step_time_note: str | None = None
     patch_report: dict[str, Any] = field(default_factory=dict)
     final_lora: dict[str, torch.Tensor] | None = None
-    lora_divergence: dict[str, float | None] | None = None
+    lora_divergence: dict[str, Any] | None = None
     """Final adapters against the reference's (see lora_divergence); set once both have run."""
+    attention_kernels: list[str] | None = None
+    """The attention ops (and CUDA kernels) the profiled warm-up step ran (attention_probe)."""
+    attention_kernel: str | None = None
+    reused_entry: dict[str, Any] | None = None
+    """--reference-from: the earlier run's JSON entry for this path, reported as it was."""
 
     @property
     def ok(self) -> bool:
@@ -157,16 +95,25 @@ def lora_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().float().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def randomize_lora_b(model: torch.nn.Module, rank: int, alpha: float, seed: int) -> None:
-    """B ~ N(0, s^2), seeded on the host so every device draws the same values (see LORA_B_INIT_RATIO)."""
+def start_adapters(model: torch.nn.Module, rank: int, alpha: float, seed: int, b_init: str) -> dict[str, torch.Tensor]:
+    """Every path's starting adapters, a function of (seed, names, shapes) alone: from a host generator, in
+    name order, so any process on any device, and a model in any storage dtype, starts from the same
+    values. A as peft draws it (kaiming uniform with a=sqrt(5): U(-1/sqrt(in), 1/sqrt(in))); B zero, or
+    N(0, s^2) with --lora-b-init random (see LORA_B_INIT_RATIO)."""
     import torch
 
     std = LORA_B_INIT_RATIO / ((alpha / rank) * math.sqrt(rank))
     g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.requires_grad and "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * std)
+    out = {}
+    for name, p in sorted((n, p) for n, p in model.named_parameters() if p.requires_grad):
+        if "lora_A" in name:
+            bound = 1 / math.sqrt(p.shape[1])
+            out[name] = torch.empty(p.shape).uniform_(-bound, bound, generator=g)
+        elif "lora_B" in name:
+            out[name] = torch.randn(p.shape, generator=g) * std if b_init == "random" else torch.zeros(p.shape)
+        else:
+            raise ValueError(f"{name}: a trainable tensor that is no LoRA adapter")
+    return out
 
 
 def build_path(spec: PathSpec, bench: Bench) -> tuple[Any, ...]:
@@ -178,10 +125,8 @@ def build_path(spec: PathSpec, bench: Bench) -> tuple[Any, ...]:
     cfg = spec.cfg
     model = make_transformer(bench, spec.frozen_dtype)
     params = inject_lora(model, cfg.lora)
-    if bench.init_lora is None:  # the first path (the reference) fixes the adapters' start
-        if bench.lora_b_init == "random":
-            randomize_lora_b(model, cfg.lora.rank, cfg.lora.alpha, bench.seed)
-        bench.init_lora = lora_state(model)
+    if bench.init_lora is None:
+        bench.init_lora = start_adapters(model, cfg.lora.rank, cfg.lora.alpha, bench.seed, bench.lora_b_init)
     load_trainable_state_dict(model, bench.init_lora)
     model.to(bench.device).train()
     if spec.role == "reference":
@@ -270,15 +215,21 @@ def _run_path(spec: PathSpec, bench: Bench, res: PathResult) -> None:
     if bench.device.type == "cuda":  # the training peak, resident weights included; build transients not
         sync(bench.device)
         torch.cuda.reset_peak_memory_stats(bench.device)
+    res.attention_kernels, res.attention_kernel = [], NO_WARMUP
     for k in range(bench.warmup + spec.steps):
         batch = {name: t.to(bench.device) for name, t in bench.batches[k].items()}
         torch.manual_seed(bench.seed + k)  # the same timesteps and noise at step k in every path
         res.lrs.append(float(lr_scheduler.get_last_lr()[0]))
-        sync(bench.device)
-        start = time.perf_counter()
-        loss, grad_norm = train_step(model, params, objective, optimizer, lr_scheduler, scaler, batch, spec.cfg)
-        sync(bench.device)
-        (res.warmup_times if k < bench.warmup else res.step_times).append(time.perf_counter() - start)
+        probe = k == bench.warmup - 1  # the last warm-up step: compiled and autotuned, and not timed
+        with attention_profiler(bench.device) if probe else contextlib.nullcontext() as prof:
+            sync(bench.device)
+            start = time.perf_counter()
+            loss, grad_norm = train_step(model, params, objective, optimizer, lr_scheduler, scaler, batch, spec.cfg)
+            sync(bench.device)
+            elapsed = time.perf_counter() - start  # before the profiler stops and collects its trace
+        (res.warmup_times if k < bench.warmup else res.step_times).append(elapsed)
+        if probe:
+            res.attention_kernels, res.attention_kernel = attention_kernels(prof)
         res.losses.append(loss)
         res.grad_norms.append(grad_norm)
     if bench.device.type == "cuda":
