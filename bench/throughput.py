@@ -37,8 +37,9 @@ then the rows ``--rows`` lists, in that order.
   ``failed: <error>``; once ``--max-seconds`` have passed, the rows left other than the reference
   and the headline row are recorded as skipped.
 
-The headline row is ``fastcog`` when --rows lists it, else the first row: the top-level parity,
-speedup and targets are its, and so is the exit status. Each path's JSON entry records its
+The headline row is ``fastcog`` when --rows lists it, else the first ``selective`` row, else there
+is none (leave-one-out and add-one rows are diagnostics): the top-level parity, speedup and targets
+are the headline row's, and so is the exit status. Each path's JSON entry records its
 ``role`` (reference, fastcog, selective, leave-one-out, add-one) and its ``switches`` relative to
 the reference.
 

@@ -225,12 +225,12 @@ def test_leave_one_out_and_selective_rows(cpu_run):
         assert p["grad_norms"][0] == pytest.approx(ref["grad_norms"][0], rel=rtol), p["name"]
 
 
-def test_each_path_records_the_attention_op_it_ran(cpu_run):
+def test_each_path_records_the_attention_op_it_ran(bench_module, cpu_run):
     """The reference (diffusers' processor, SDPA's choice) and fastcog's sdpa backend both run SDPA's CPU
     flash kernel on these fp32 inputs, forward and backward; the math backend is told apart."""
     import torch
     import torch.nn.functional as F
-    from throughput_lib.attention_probe import attention_kernels, attention_profiler
+    from throughput_lib.attention_probe import attention_kernels, attention_profiler, is_attention_kernel
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     for p in cpu_run[2]["paths"]:
@@ -240,6 +240,9 @@ def test_each_path_records_the_attention_op_it_ran(cpu_run):
     with attention_profiler(torch.device("cpu")) as prof, sdpa_kernel(SDPBackend.MATH):
         F.scaled_dot_product_attention(q, q, q).sum().backward()
     assert attention_kernels(prof)[1] == "aten::_scaled_dot_product_attention_math"
+    kernels = ("void pytorch_flash::flash_fwd_kernel<...>", "fmha_cutlassF_bf16_aligned_64x64_rf_sm80",
+               "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16", "sm90_xmma_fprop_implicit_gemm_cudnn")
+    assert [is_attention_kernel(k) for k in kernels] == [True, True, True, False]
 
 
 def test_starting_adapters_and_a_run_without_warmup(bench_module):
@@ -301,16 +304,16 @@ def test_a_reference_from_another_setup_is_one_line(cpu_run, in_process, tmp_pat
 
 def test_a_row_that_differs_fails_parity(cpu_run, in_process, tmp_path):
     """Doubling LoRA alpha on the fastcog side must be caught (the check can fail). With the reference reused
-    and no fastcog row, the first row is the headline: its parity decides the exit status, and --max-seconds
-    skips the rows after it, not it. The rows run on the reused reference's LR schedule length."""
+    and no fastcog row, the selective row is the headline: its parity decides the exit status, and
+    --max-seconds skips the rows after it, not it. The rows run on the reused reference's LR schedule length."""
     earlier = str(json_file(cpu_run[1]))
     code, out, err = in_process(tmp_path, "--steps", "1", "--warmup", "1", "--reference-from", earlier, "--rows",
-                                "-optim.fused,selective", "--fast-only-set", "lora.alpha=16", "--max-seconds", "0")
+                                "selective,-optim.fused", "--fast-only-set", "lora.alpha=16", "--max-seconds", "0")
     assert code == 3, out[-3000:] + err[-3000:]
     assert "**Parity: FAIL**" in out and "not a like-for-like comparison" in out
-    assert "the fastcog - optim.fused path FAILED parity" in err
+    assert "the fastcog, selective checkpointing path FAILED parity" in err
     r = only_json(tmp_path)
-    assert r["headline"] == "fastcog - optim.fused" and r["setup"]["fast_only_overrides"] == ["lora.alpha=16"]
+    assert (r["headline"], r["setup"]["fast_only_overrides"]) == ("fastcog, selective checkpointing", ["lora.alpha=16"])
     assert r["parity"] == r["paths"][1]["parity"] and r["parity"]["verdict"] == "FAIL"
     assert r["parity"]["grad_norm"]["max_rel_diff"] > 0.5  # the adapters' gradients scale with alpha / r
     assert r["paths"][2]["status"] == "skipped: --max-seconds 0 reached"
@@ -345,7 +348,10 @@ def changed_fields(a, b) -> set[str]:
 def test_row_plan_from_a_gpu_recipe(bench_module, recipe):
     """The reference has every fast switch off; each leave-one-out row (--ablation) sets exactly one of the
     recipe's back and together they cover everything the fastcog path changes; each add-one row turns exactly
-    one on; rows run in the order given, a row named twice once, --ablation-steps for all but the main paths."""
+    one on; rows run in the order given, a row named twice once, --ablation-steps for all but the main paths;
+    the headline row is fastcog, else selective, else none."""
+    from throughput_lib.rows import headline
+
     from fastcog.config import FastConfig, load_config
 
     cfg = load_config(ROOT / "configs" / recipe)
@@ -367,6 +373,7 @@ def test_row_plan_from_a_gpu_recipe(bench_module, recipe):
         covered.add(field)
         assert set(row.switches) < set(fast.switches) and len(row.switches) == len(fast.switches) - 1
     assert covered == changed_fields(ref.cfg, fast.cfg) | {"frozen_storage"}
+    assert headline(paths) is fast and headline(paths[:1] + rows) is None
 
     args = bench_module.parse_args(["--rows", "selective,add-one,+fast.fp8,-fast.compile", "--ablation-steps", "1"])
     paths = bench_module.plan_paths(cfg, cfg, args, steps=2)
@@ -374,7 +381,7 @@ def test_row_plan_from_a_gpu_recipe(bench_module, recipe):
     assert [p.role for p in paths] == ["reference", "selective"] + ["add-one"] * len(fast.switches) + ["leave-one-out"]
     assert [p.steps for p in paths] == [2] + [1] * (len(paths) - 1) and paths[-1].name == "fastcog - fast.compile"
     assert changed_fields(fast.cfg, selective.cfg) == {"train.activation_checkpointing"}
-    assert selective.name == "fastcog, selective checkpointing"
+    assert selective.name == "fastcog, selective checkpointing" and headline(paths) is selective
     for row in adds:
         diff, (label,) = changed_fields(ref.cfg, row.cfg), row.switches
         assert row.name == f"reference + {label}"
@@ -433,6 +440,8 @@ def test_provisional_tolerances_are_marked(bench_module, cpu_run):
     text = render_markdown(report)
     assert "every step within rtol 3e-02 (provisional)" in text and "PASS (1.00e-02; 3e-02 (provisional)) |" in text
     assert render_markdown(cpu_run[2]).count("(provisional)") == 1  # fp32: only the legend
+    text = render_markdown({**cpu_run[2], "headline": None, "parity": None, "speedup": None})  # leave-one-out only
+    assert "**No headline row**" in text and "Speedup" not in text
 
 
 def test_every_recipe_the_benchmark_names_exists(bench_module):

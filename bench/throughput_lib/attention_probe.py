@@ -16,9 +16,9 @@ if TYPE_CHECKING:
     import torch
 
 OP_PATTERN = re.compile(r"scaled_dot_product|flash|efficient_attention|attention", re.IGNORECASE)
-# cuDNN's attention kernels; its convolution kernels (the patch embedding) also carry "cudnn".
-KERNEL_PATTERN = re.compile(r"flash|fmha|cudnn|attention|attn|sdpa", re.IGNORECASE)
-NOT_ATTENTION_KERNEL = re.compile(r"conv|fprop|dgrad|wgrad", re.IGNORECASE)
+ATTENTION_KERNEL = re.compile(r"flash|fmha|attention|attn|sdpa", re.IGNORECASE)
+# A cuDNN kernel without an attention mark may be a convolution's (the patch embedding).
+CONV_KERNEL = re.compile(r"conv|fprop|dgrad|wgrad", re.IGNORECASE)
 GENERIC_OP = "aten::scaled_dot_product_attention"  # the entry point: what it dispatched to is the answer
 TOP_KERNELS = 5
 NO_WARMUP = "not recorded: no warm-up step"
@@ -41,7 +41,7 @@ def attention_kernels(prof: Any) -> tuple[list[str], str]:
             # Namespaced ops only; the autograd engine's node labels repeat the backward ops.
             if "::" in name and not name.startswith("autograd::") and OP_PATTERN.search(name) and name not in ops:
                 ops.append(name)
-        elif KERNEL_PATTERN.search(name) and not NOT_ATTENTION_KERNEL.search(name):
+        elif is_attention_kernel(name):
             kernel_time[name] = kernel_time.get(name, 0.0) + duration
     kernels = sorted(kernel_time, key=kernel_time.__getitem__, reverse=True)[:TOP_KERNELS]
     return ops + kernels, summary(ops, kernels)
@@ -57,6 +57,10 @@ def _events(prof: Any) -> list[tuple[str, bool, int, float]]:
         return [(e.name(), e.device_type() == DeviceType.CUDA, e.start_ns(), e.duration_ns()) for e in raw()]
     return [(e.name, e.device_type == DeviceType.CUDA, e.time_range.start, e.time_range.elapsed_us())
             for e in prof.events()]
+
+
+def is_attention_kernel(name: str) -> bool:
+    return bool(ATTENTION_KERNEL.search(name)) or ("cudnn" in name.lower() and not CONV_KERNEL.search(name))
 
 
 def summary(ops: list[str], kernels: list[str]) -> str:

@@ -97,10 +97,14 @@ def render_markdown(report: dict[str, Any]) -> str:
                   f"grad norm {_fmt(par['grad_norm']['max_rel_diff'], '.2e')}, over {par['steps_compared']} steps; "
                   f"final LoRA weights ||W - W_ref|| / ||W_ref - W_init|| = "
                   f"{_fmt(w.get('rel_to_update'), '.3g', w.get('note') or '-')}, reported only)"]
+    elif top is None:
+        lines += ["", "**No headline row** (--rows lists neither fastcog nor selective): each row's parity is in "
+                  "its table row"]
     else:
         lines += ["", "**Parity: not computed** (a path failed)"]
-    lines.append(f"**Speedup (reference p50 / {top} p50): {_fmt(report['speedup'], '.2f')}"
-                 f"{'x' if report['speedup'] else ''}**" + (" (CPU: not a performance claim)" if cpu else ""))
+    if top is not None:
+        lines.append(f"**Speedup (reference p50 / {top} p50): {_fmt(report['speedup'], '.2f')}"
+                     f"{'x' if report['speedup'] else ''}**" + (" (CPU: not a performance claim)" if cpu else ""))
     t = report["targets"]
     if t["applicable"]:
         lines.append("Targets: " + "; ".join(

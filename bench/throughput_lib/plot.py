@@ -51,7 +51,8 @@ def write_plot(report: dict[str, Any], path: Path) -> None:
         ax_diff.set_title(f"{report['headline']} vs reference: parity {par['verdict']}")
         ax_diff.legend(fontsize=7)
     else:
-        ax_diff.text(0.5, 0.5, "parity not computed (a path failed)", ha="center", transform=ax_diff.transAxes)
+        why = "no headline row" if report["headline"] is None else "parity not computed (a path failed)"
+        ax_diff.text(0.5, 0.5, why, ha="center", transform=ax_diff.transAxes)
     ax_diff.set_xlabel("step")
     ax_diff.set_ylabel(f"relative difference (exact = {1e-12:.0e})")
 

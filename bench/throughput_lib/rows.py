@@ -13,7 +13,8 @@ stores them in fp32). Rows:
 * ``-KEY`` / ``+KEY`` one leave-one-out / add-one row
 
 The headline row (the exit status, the top-level parity and speedup) is ``fastcog`` when listed,
-else the first row.
+else the first ``selective`` row, else none: leave-one-out and add-one rows are diagnostics, each
+with its own parity in its entry.
 """
 
 from __future__ import annotations
@@ -178,6 +179,10 @@ def plan_paths(cfg: Config, fast_cfg: Config, args: argparse.Namespace, steps: i
 
 
 def headline(paths: list[PathSpec]) -> PathSpec | None:
-    """The row the exit status, the top-level parity and the speedup follow: fastcog, else the first row."""
-    rows = [p for p in paths if p.role != "reference"]
-    return next((p for p in rows if p.role == "fastcog"), rows[0] if rows else None)
+    """The row the exit status, the top-level parity and the speedup follow: fastcog, else the first
+    selective row, else none."""
+    for role in ("fastcog", "selective"):
+        for p in paths:
+            if p.role == role:
+                return p
+    return None
