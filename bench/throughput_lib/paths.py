@@ -215,7 +215,8 @@ def _run_path(spec: PathSpec, bench: Bench, res: PathResult) -> None:
     if bench.device.type == "cuda":  # the training peak, resident weights included; build transients not
         sync(bench.device)
         torch.cuda.reset_peak_memory_stats(bench.device)
-    res.attention_kernels, res.attention_kernel = [], NO_WARMUP
+    if bench.warmup == 0:
+        res.attention_kernels, res.attention_kernel = [], NO_WARMUP
     for k in range(bench.warmup + spec.steps):
         batch = {name: t.to(bench.device) for name, t in bench.batches[k].items()}
         torch.manual_seed(bench.seed + k)  # the same timesteps and noise at step k in every path
