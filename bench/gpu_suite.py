@@ -174,7 +174,7 @@ def run_stage(suite: Suite, stage: Stage, deadline: float, timeout: float, env: 
 
 def child_env(suite: Suite) -> dict[str, str]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
-    if any((suite.repo / d).glob("*.whl") for d in ("wheels", ".whl")):
+    if not suite.dry_run and any(any((suite.repo / d).glob("*.whl")) for d in ("wheels", ".whl")):
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [SITE, env.get("PYTHONPATH")]))
     return env
 

@@ -12,7 +12,9 @@ import runpy
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `tests` importable from any working folder
+# The repository root in place of this script's folder, which Python put first: from tests/, the
+# name `kernels` would resolve to tests/kernels for every library that looks for a `kernels` package.
+sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import pytest  # noqa: E402
 

@@ -77,7 +77,7 @@ def headline_reference(suite: Suite) -> tuple[Path | None, str | None]:
 
 
 def throughput_command(suite: Suite, name: str, rows: str, *extra: str) -> list[str]:
-    argv = [*suite.python, "bench/throughput.py", "--rows", rows, "--out-dir", str(stage_dir(suite, name)),
+    argv = [*suite.python, "bench/throughput.py", f"--rows={rows}", "--out-dir", str(stage_dir(suite, name)),
             "--variant", HEADLINE_VARIANT]
     if suite.dry_run:  # the benchmark's CPU setting on the tiny model (FP8 and compile need a GPU)
         argv += ["--tiny", "--device", "cpu", "--steps", "2", "--warmup", "1"]
@@ -92,7 +92,7 @@ def plan_setup(suite: Suite) -> Plan:
     commands = []
     for folder in ("wheels", ".whl"):
         wheels = sorted(str(p) for p in (suite.repo / folder).glob("*.whl"))
-        if wheels:
+        if wheels and not suite.dry_run:  # a dry run uses this machine's packages as they are
             commands.append([*suite.python, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
                              "--no-cache-dir", "--upgrade", "--target", SITE, *wheels])
     record = stage_dir(suite, "setup") / "environment.json"
@@ -136,7 +136,7 @@ def plan_gputests(suite: Suite) -> Plan:
     argv = [*suite.python, "-m", "pytest", "-m", "gpu", "tests", "-q", "-rs", "-p", "no:cacheprovider",
             f"--junitxml={junit}"]
     if suite.dry_run:  # no GPU: every test would be skipped; collecting them checks the tier imports
-        argv += ["--collect-only", "-q"]
+        argv.append("--collect-only")
     return Plan([argv])
 
 

@@ -97,8 +97,9 @@ def _plain(value: Any) -> str:
 def pytest_line(path: Path) -> str:
     if not path.is_file():
         return "no pytest output"
+    # pytest's closing line, e.g. "3 passed, 2 skipped in 4.10s" or "199/1199 tests collected ... in 2.71s"
     lines = [ln for ln in path.read_text(errors="replace").splitlines()
-             if re.search(r"\b(passed|failed|skipped|error|errors|tests? collected|no tests ran)\b", ln)]
+             if re.search(r"\b(passed|failed|skipped|errors?|tests? collected|no tests ran)\b.* in [\d.]+s\b", ln)]
     return lines[-1].strip("= ") if lines else "no pytest summary line"
 
 
