@@ -15,7 +15,7 @@ of each time to the floor (LoRA) or to eager (loss).
 The loss forward + backward must move 4 latent-sized tensors (read v_hat, x_t, z0 once, write
 dL/dv_hat once); that is its GB/s. The fused kernels move 7 (the backward reads the three
 inputs again rather than keeping a full-size temporary), so the target line prints that figure
-too. At the issue's batch 1 the latents are 2.2 MB each in bf16: the whole case is a few
+too. At batch 1 the latents are 2.2 MB each in bf16: the whole case is a few
 microseconds, near launch latency, and the backward's re-reads can hit the 50 MB L2. The extra
 batches of ``--loss-batches`` show the bandwidth once the launches are amortised.
 
@@ -234,7 +234,7 @@ def lora_flop_ratio(case: str) -> float:
 
 
 def target_checks(rows: list[Row], copy_gbps: float, spec_gbps: float | None) -> list[str]:
-    """The issue's targets, computed from this run's rows: one line each, with MET / NOT MET."""
+    """The kernels' targets, computed from this run's rows: one line each, with MET / NOT MET."""
     lines = []
     by = {(r.case, r.variant): r for r in rows}
     lora = [c for c, v in by if v == "fused" and c.startswith("lora q/k/v/out") and c.endswith("fwd+bwd")]
@@ -342,7 +342,7 @@ def write_results(
             f"| {r.case} | {r.variant} | {r.p20_ms:.3f} | {r.p50_ms:.3f} | {r.p80_ms:.3f} | "
             f"{r.tflops:.2f} | {r.gbps:.1f} | {r.ratio:.2f} | {r.baseline} |"
         )
-    lines += ["", "## Targets (issue 4)" + (" -- smoke run: not a measurement" if args.smoke else ""), "", *checks]
+    lines += ["", "## Targets" + (" -- smoke run: not a measurement" if args.smoke else ""), "", *checks]
     (args.out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {args.out / stem}.csv and .md")
 

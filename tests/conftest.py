@@ -207,3 +207,11 @@ def start_common_launches_early(request: pytest.FixtureRequest) -> None:
                           ("four_rank_started", "four_rank_runs")):
         if user in used:
             request.getfixturevalue(started)
+
+
+@pytest.fixture(scope="session")
+def gpu_suite_dry_run(tmp_path_factory: pytest.TempPathFactory):
+    """bench/gpu_suite.py's CPU dry run, once per session (tests/suite_dry_run.py says who reads it)."""
+    from tests.suite_dry_run import run_dry_suite
+
+    return run_dry_suite(tmp_path_factory.mktemp("gpu_suite"))

@@ -10,28 +10,14 @@ import functools
 import importlib.util
 import json
 import math
-import os
-import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench" / "throughput.py"
-# One BLAS thread: the Triton interpreter's numpy matmuls are tiny, and CI machines are shared.
-ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
-       "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-
-
-# The benchmark with tests/eager_kernels.py's stand-ins under fastcog's custom ops: the subject here is
-# the benchmark (paths, table, JSON, parity verdict), and the interpreted kernels, the parity suite's
-# subject, took 10 of its 17 s (measured, --steps 2).
-EAGER_KERNELS = ("import runpy, sys, pytest; from tests.eager_kernels import use_eager_kernels; "
-                 "use_eager_kernels(pytest.MonkeyPatch()); sys.argv = sys.argv[1:]; "
-                 "runpy.run_path(sys.argv[0], run_name='__main__')")
-
-
 def json_file(out: Path) -> Path:
     (path,) = out.glob("throughput_*.json")
     return path
@@ -58,15 +44,23 @@ CPU_SDPA = "aten::_scaled_dot_product_flash_attention_for_cpu"  # what SDPA runs
 RUN = ["--steps", "2", "--warmup", "1"]  # the module run's shape; the in-process runs that reuse it match it
 
 
+STAGES = ("headline", "selective", "ablation")
+"""The GPU suite's dry run runs the benchmark three times (tests/suite_dry_run.py): the reference and fastcog
+paths (--rows fastcog), then the selective row and every leave-one-out row, each against the headline's
+reference (--reference-from); all with RUN's steps and --ablation-steps 1."""
+
+
 @pytest.fixture(scope="module")
-def cpu_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path, dict]:
-    out = tmp_path_factory.mktemp("bench")
-    env = {**ENV, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), ENV.get("PYTHONPATH")]))}
-    done = subprocess.run([sys.executable, "-c", EAGER_KERNELS, str(BENCH), "--tiny", "--device", "cpu", "--out-dir",
-                           str(out), *RUN, "--rows", "fastcog,selective,leave-one-out", "--ablation-steps", "1"],
-                          cwd=out, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return done, out, only_json(out)
+def cpu_run(gpu_suite_dry_run) -> tuple[SimpleNamespace, Path, dict]:
+    """(the three runs' stdout, the headline's folder, the headline's JSON with the later runs' rows appended
+    and each run's own JSON under "runs")."""
+    out = gpu_suite_dry_run.out
+    runs = {stage: only_json(out / stage) for stage in STAGES}
+    head = runs["headline"]
+    merged = {**head, "paths": head["paths"] + [p for stage in STAGES[1:] for p in runs[stage]["paths"][1:]],
+              "runs": runs}
+    stdout = "".join((out / stage / "stage.log").read_text() for stage in STAGES)
+    return SimpleNamespace(stdout=stdout), out / "headline", merged
 
 
 @pytest.fixture
@@ -109,8 +103,11 @@ def test_the_table_and_the_json_hold_every_field(cpu_run):
     ref, fast = r["paths"][0], r["paths"][1]
     assert all(set(p["config"]) >= {"model", "lora", "optim", "train", "fast"} for p in r["paths"])
     assert [p["role"] for p in r["paths"]] == ["reference", "fastcog", "selective"] + ["leave-one-out"] * 5
-    assert r["headline"] == "fastcog" and s["rows"] == ["fastcog", "selective", "leave-one-out"]
-    assert s["total_steps"] == 3 and s["reference_from"] is None
+    assert r["headline"] == "fastcog" and s["rows"] == ["fastcog"] and s["reference_from"] is None
+    for stage, rows in (("selective", ["selective"]), ("ablation", ["leave-one-out"])):
+        later = r["runs"][stage]["setup"]
+        assert later["rows"] == rows and later["reference_from"] == str(json_file(out)), stage
+    assert s["total_steps"] == 3
     tol = r["parity_tolerance"]  # which tolerances no measurement calibrated
     assert tol["provisional"] == {"fp32": False, "bf16": True, "fp16": True, "fp8": True}
     assert tol["basis"]["fp8"] == "rounding analysis, not calibrated on a GPU run"
@@ -213,10 +210,11 @@ def test_leave_one_out_and_selective_rows(cpu_run):
     assert (row["role"], row["status"], row["patches"]["activation_checkpointing"]) == ("selective", "ok", "selective")
     assert changed(fast["config"], row["config"]) == {"train.activation_checkpointing"}
     rows = by_name(r)
-    for name in ("fastcog - train.activation_checkpointing", "fastcog, selective checkpointing"):
+    # One warm-up step, then --ablation-steps 1 (a leave-one-out row) or --steps 2 (the selective row's own run).
+    for name, steps in (("fastcog - train.activation_checkpointing", 2), ("fastcog, selective checkpointing", 3)):
         p = rows[name]
-        assert len(p["losses"]) == 2  # one warm-up step and --ablation-steps 1, each recorded
-        assert (p["losses"], p["grad_norms"]) == (fast["losses"][:2], fast["grad_norms"][:2]), name
+        assert len(p["losses"]) == steps, name
+        assert (p["losses"], p["grad_norms"]) == (fast["losses"][:steps], fast["grad_norms"][:steps]), name
     unfused = rows["fastcog - optim.fused"]
     assert (unfused["losses"][0], unfused["grad_norms"][0]) == (fast["losses"][0], fast["grad_norms"][0])
     rtol = r["parity_tolerance"]["rtol_by_dtype"]["fp32"]

@@ -81,7 +81,7 @@ def test_bench_kernels_smoke(tmp_path, monkeypatch):
         assert (float(t["p50_ms"]), float(t["ratio"]), t["baseline"]) == (
             pytest.approx(r.p50_ms, abs=5e-5), pytest.approx(r.ratio, abs=5e-4), r.baseline)
     assert md.count("\n| lora ") + md.count("\n| add_noise ") + md.count("\n| velocity_mse_loss ") == len(rows)
-    assert "## Targets (issue 4) -- smoke run: not a measurement" in md
+    assert "## Targets -- smoke run: not a measurement" in md
     # The target lines are computed from these rows: one pair per q/k/v/out fwd+bwd case, one per loss case.
     case = f"lora q/k/v/out {SMOKE_M}x48->48 r{SMOKE_RANK} fwd+bwd"
     floor_ratio = by[(case, "fused")].p50_ms / by[(case, "floor")].p50_ms
