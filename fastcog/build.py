@@ -4,7 +4,8 @@
 applies, in this order and each only when configured:
 
   1. FP8 for the frozen base linears (fast.fp8), or FP8 weight storage (fast.fp8_weight_storage);
-  2. the fused Triton LoRA linear on every LoRA linear whose base is not FP8 (fast.lora_kernel);
+  2. each LoRA linear (plain or FP8 base) on the fused Triton kernel, cuBLAS + addmm or peft's own
+     forward, chosen per shape (fast.lora_kernel; fastcog.fast.lora_choice);
   3. fastcog's attention processor with an explicit backend (fast.attention);
   4. activation checkpointing per block (train.activation_checkpointing; `auto` decided here);
   5. torch.compile per block (fast.compile);
@@ -31,7 +32,7 @@ from fastcog.config import Config
 from fastcog.fast import check_fast_path, uses_fastcog_blocks
 from fastcog.lora import inject_lora
 from fastcog.models import TORCH_DTYPES, load_components
-from fastcog.parallel import SINGLE_PROCESS, Parallel, World, mixed_precision_dtype, parallelize
+from fastcog.parallel import SINGLE_PROCESS, Parallel, World, all_gather_objects, mixed_precision_dtype, parallelize
 
 
 @dataclass
@@ -43,6 +44,12 @@ class FastReport:
     activation_checkpointing: str = "full"
     fp8_linears: list[str] = field(default_factory=list)
     lora_kernel_linears: list[str] = field(default_factory=list)
+    """The LoRA linears on the fused Triton kernel (plain or FP8 base)."""
+    lora_counts: dict[str, int] = field(default_factory=dict)
+    """How many LoRA linears run each implementation: every label of fastcog.fast.lora.LABELS, zeros
+    included; empty when fast.lora_kernel is off."""
+    lora_choices: dict[str, dict] = field(default_factory=dict)
+    """By distinct shape (LoraShape.key): the implementation, how it was chosen and the timings (ms)."""
     compiled_blocks: int = 0
 
 
@@ -119,12 +126,8 @@ def parallelize_model(transformer: torch.nn.Module, cfg: Config, device: torch.d
     if line:
         report.lines.append(line)
 
-    if f.lora_kernel:  # 2
-        from fastcog.fast.lora import use_fused_lora
-
-        report.lora_kernel_linears = use_fused_lora(transformer)
-        skipped = " (LoRA linears with an FP8 base keep peft's LoRA term)" if report.fp8_linears else ""
-        report.lines.append(f"lora kernel: {len(report.lora_kernel_linears)} LoRA linears fused{skipped}")
+    if f.lora_kernel is not False:  # 2
+        route_lora_linears(transformer, cfg, device, tokens_per_sample, world, report)
 
     if f.attention != "reference":  # 3
         from fastcog.fast.attention import choose_backend, set_attention_backend
@@ -153,6 +156,37 @@ def parallelize_model(transformer: torch.nn.Module, cfg: Config, device: torch.d
         for line in report.lines:
             print(line)
     return TrainingModel(par, [p for p in transformer.parameters() if p.requires_grad], report)
+
+
+_LORA_WORDS = {"fused": "fused", "fused-fp8": "fused on an FP8 base", "unfused": "unfused",
+               "unfused-fp8": "unfused on an FP8 base", "peft": "peft"}
+
+
+def route_lora_linears(transformer: torch.nn.Module, cfg: Config, device: torch.device, tokens_per_sample: int,
+                       world: World, report: FastReport) -> None:
+    """Step 2: every LoRA linear's implementation (fastcog.fast.lora), chosen per shape (fastcog.fast.lora_choice).
+
+    A shape's M is what each LoRA linear of a CogVideoX block sees per step: the batch times the video
+    tokens plus the text tokens (attention and feed-forward run on both)."""
+    from fastcog.fast import lora, lora_choice
+
+    text = dict(getattr(transformer, "config", None) or {}).get("max_text_seq_length", 0)
+    m = cfg.train.batch_size * (tokens_per_sample + text)
+    dtype = TORCH_DTYPES[cfg.model.dtype]
+    shapes = {name: lora_choice.shape_of(module, m, dtype)
+              for name, module in lora.lora_linears(transformer) if lora.fusable(module)}
+    chosen = lora_choice.choose(shapes.values(), cfg.fast.lora_kernel, device)
+    by_shape = chosen.by_shape
+    if world.distributed and device.type == "cuda" and lora_choice.resolve_mode(cfg.fast.lora_kernel) == "auto":
+        by_shape = all_gather_objects(by_shape)[0]  # every rank runs rank 0's choice (timings differ a little)
+    labels = lora.route_lora(transformer, {name: by_shape[shape].implementation for name, shape in shapes.items()})
+    report.lora_kernel_linears = [name for name, lab in labels.items() if lab.startswith("fused")]
+    report.lora_counts = {lab: sum(v == lab for v in labels.values()) for lab in lora.LABELS}
+    report.lora_choices = {s.key: {"implementation": c.implementation, "source": c.source, "ms": c.ms}
+                           for s, c in by_shape.items()}
+    report.lines.extend(chosen.lines)
+    counts = ", ".join(f"{n} {_LORA_WORDS[lab]}" for lab, n in report.lora_counts.items() if n) or "none"
+    report.lines.append(f"lora kernel: {len(labels)} LoRA linears: {counts} ({chosen.summary})")
 
 
 def apply_checkpointing_policy(transformer: torch.nn.Module, cfg: Config, device: torch.device,

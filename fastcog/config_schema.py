@@ -24,6 +24,8 @@ LrSchedule = Literal[
     "piecewise_constant",
 ]
 AttentionBackend = Literal["reference", "auto", "sdpa", "cudnn", "flash", "efficient", "math", "fa3", "flash_attn"]
+# fast.lora_kernel: off, on (= auto: measured), or one implementation by name (fastcog.fast.lora_choice).
+LoraKernel = Literal[False, True, "auto", "fused", "unfused"]
 
 LR_SCHEDULES: tuple[str, ...] = typing.get_args(LrSchedule)
 ATTENTION_BACKENDS: tuple[str, ...] = typing.get_args(AttentionBackend)
@@ -207,8 +209,13 @@ class TrainConfig:
 class FastConfig:
     """The fast path. Every switch off (the defaults) is the reference path, unchanged."""
 
-    lora_kernel: bool = False
-    """Run each LoRA linear through the fused Triton `lora_linear` (parameter names unchanged)."""
+    lora_kernel: LoraKernel = False
+    """How each LoRA linear (plain or FP8 base) computes its LoRA term: `false` peft's forward (the
+    reference); `fused` the Triton kernel that folds it into the base GEMM; `unfused` the base GEMM as
+    the base layer runs it (cuBLAS, or FP8 `_scaled_mm`) with the LoRA term added into its output by
+    addmm; `true` or `auto` the fastest of the three per layer shape, timed on the GPU at startup
+    (cached in $FASTCOG_CACHE_DIR, default ~/.cache/fastcog; `fused` on a CPU), logged. Parameter
+    names, checkpoints and the exported LoRA are the same whichever runs."""
     fused_loss: bool = False
     """Noise and velocity-MSE loss through the fused Triton kernels (same draws, same loss)."""
     attention: AttentionBackend = "reference"

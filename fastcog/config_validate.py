@@ -41,7 +41,8 @@ def literal_values(tp: Any) -> tuple[Any, ...] | None:
 def check_choice(value: Any, tp: Any, where: str) -> None:
     """Raise unless `value` is one a Literal annotation `tp` allows; other annotations pass."""
     allowed = literal_values(tp)
-    if allowed is None or value in allowed:
+    # `1 == True`: a bool option (fast.lora_kernel's false / true) matches only a bool.
+    if allowed is None or any(value == a and isinstance(value, bool) == isinstance(a, bool) for a in allowed):
         return
     if value is None and type(None) in typing.get_args(tp):
         return
@@ -49,7 +50,8 @@ def check_choice(value: Any, tp: Any, where: str) -> None:
     if all(isinstance(o, str) for o in options) and not isinstance(value, str):
         # YAML turns some bare words into other types (`off` is False): say that it must be a string.
         raise ConfigError(f"{where}={value!r} is not one of {options}: expected a string")
-    raise ConfigError(f"{where}={value!r} is not one of {options}{closest(value, options)}")
+    hint = closest(value, [o for o in options if isinstance(o, str)]) if isinstance(value, str) else ""
+    raise ConfigError(f"{where}={value!r} is not one of {options}{hint}")
 
 
 def check_choices(cfg: Config) -> None:

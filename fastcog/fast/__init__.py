@@ -33,7 +33,7 @@ def check_kernels_can_run(device: torch.device, what: str) -> None:
 
 def check_fast_path(cfg: Config, device: torch.device) -> None:
     """Fail before anything is written when a switch cannot run on this device."""
-    if cfg.fast.lora_kernel:
+    if cfg.fast.lora_kernel not in (False, "unfused"):  # unfused runs no Triton
         check_kernels_can_run(device, "fast.lora_kernel")
     if cfg.fast.fused_loss:
         check_kernels_can_run(device, "fast.fused_loss")
