@@ -152,7 +152,8 @@ def test_fixed_choice_fields_are_literal_annotated() -> None:
     assert set(CHOICE_FIELDS) == {
         "model.variant", "model.dtype", "model.training_type", "model.create_tiny", "model.i2v_image_scale",
         "data.sampling", "data.resize", "data.latent_mode", "optim.name", "optim.lr_scheduler",
-        "train.activation_checkpointing", "fast.attention", "fast.fp8", "parallel.strategy", "log.report_to",
+        "train.activation_checkpointing", "fast.attention", "fast.fp8", "fast.lora_kernel", "parallel.strategy",
+        "log.report_to",
     }
     # The exported name lists are the annotations' values, which come from their owners.
     assert CHOICE_FIELDS["model.dtype"] == DTYPES == ("fp32", "bf16", "fp16")

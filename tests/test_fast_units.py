@@ -170,10 +170,11 @@ def test_patches_keep_parameter_names(model_path):
     assert len(report.lora_kernel_linears) == 4 * len(fast.transformer_blocks)
 
 
-def test_fp8_base_layers_are_not_fused(model_path):
+def test_fp8_base_layers_run_the_fused_fp8_lora(model_path):
     model, report = patched_model(model_path, {"lora_kernel": True, "fp8": "rowwise", "fp8_min_features": 16},
                                   model={"path": str(model_path), "dtype": "bf16"})
-    assert report.fp8_linears and not report.lora_kernel_linears
+    assert report.fp8_linears and report.lora_kernel_linears
+    assert report.lora_counts["fused-fp8"] == len(report.lora_kernel_linears) and report.lora_counts["fused"] == 0
 
 
 def test_kernels_without_gpu_or_interpreter_is_a_config_error(model_path, monkeypatch):
