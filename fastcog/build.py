@@ -7,7 +7,9 @@ applies, in this order and each only when configured:
   2. each LoRA linear (plain or FP8 base) on the fused Triton kernel, cuBLAS + addmm or peft's own
      forward, chosen per shape (fast.lora_kernel; fastcog.fast.lora_choice);
   3. fastcog's attention processor with an explicit backend (fast.attention);
-  4. activation checkpointing per block (train.activation_checkpointing; `auto` decided here);
+  4. activation checkpointing per block (train.activation_checkpointing; `auto` decided here), then
+     q/k/v as one GEMM per attention (fast.fused_qkv; after `auto`'s estimate, which counts every
+     weight once: the projections' weights become views of the concatenation);
   5. torch.compile per block (fast.compile);
   6. FSDP2 (FP8 weights made shardable, fully_shard per block, then the root) or DDP.
 
@@ -51,6 +53,8 @@ class FastReport:
     lora_choices: dict[str, dict] = field(default_factory=dict)
     """By distinct shape (LoraShape.key): the implementation, how it was chosen and the timings (ms)."""
     compiled_blocks: int = 0
+    fused_qkv: int = 0
+    """How many attentions run q/k/v as one GEMM (fast.fused_qkv)."""
 
 
 @dataclass
@@ -140,6 +144,9 @@ def parallelize_model(transformer: torch.nn.Module, cfg: Config, device: torch.d
     report.activation_checkpointing = apply_checkpointing_policy(transformer, cfg, device, tokens_per_sample,  # 4
                                                                  shards, report)
 
+    if f.fused_qkv:  # 4b: after the plan of step 4, which counts each weight once
+        fuse_qkv(transformer, f.attention, strategy, report)
+
     if f.compile:  # 5
         from fastcog.fast.checkpointing import compile_blocks
 
@@ -187,6 +194,21 @@ def route_lora_linears(transformer: torch.nn.Module, cfg: Config, device: torch.
     report.lines.extend(chosen.lines)
     counts = ", ".join(f"{n} {_LORA_WORDS[lab]}" for lab, n in report.lora_counts.items() if n) or "none"
     report.lines.append(f"lora kernel: {len(labels)} LoRA linears: {counts} ({chosen.summary})")
+
+
+def fuse_qkv(transformer: torch.nn.Module, attention: str, strategy: str, report: FastReport) -> None:
+    """Step 4b (fast.fused_qkv): q/k/v of each attention as one GEMM (fastcog.fast.qkv); logs what stays apart."""
+    if strategy == "fsdp":  # fully_shard would shard the three weights but not their concatenation
+        report.lines.append("fused qkv: off under FSDP (the concatenated weights would not be sharded)")
+        return
+    if attention == "reference":  # diffusers' processor calls the three layers
+        report.lines.append("fused qkv: off (it runs in fastcog's attention processor: set fast.attention)")
+        return
+    from fastcog.fast import qkv
+
+    report.fused_qkv, skipped = qkv.fuse_qkv(transformer)
+    line = f"fused qkv: {report.fused_qkv} attentions"
+    report.lines.append(line + "".join(f"; {n} keep three layers: {why}" for why, n in skipped.items()))
 
 
 def apply_checkpointing_policy(transformer: torch.nn.Module, cfg: Config, device: torch.device,

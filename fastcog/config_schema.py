@@ -216,6 +216,11 @@ class FastConfig:
     addmm; `true` or `auto` the fastest of the three per layer shape, timed on the GPU at startup
     (cached in $FASTCOG_CACHE_DIR, default ~/.cache/fastcog; `fused` on a CPU), logged. Parameter
     names, checkpoints and the exported LoRA are the same whichever runs."""
+    fused_qkv: bool = False
+    """Each attention's q, k and v LoRA linears as one GEMM over their concatenated frozen weights (plain or
+    rowwise-FP8 base) with one rank-3r LoRA down-projection, following fast.lora_kernel's choice for them
+    (fused or unfused). Attentions it cannot fuse (peft's forward, tensorwise FP8, unequal ranks, FSDP)
+    keep the three layers, logged. Parameter names, checkpoints and the exported LoRA are unchanged."""
     fused_loss: bool = False
     """Noise and velocity-MSE loss through the fused Triton kernels (same draws, same loss)."""
     attention: AttentionBackend = "reference"

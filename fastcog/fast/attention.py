@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fastcog.errors import ConfigError
+from fastcog.fast.qkv import FLAG as QKV_FLAG
+from fastcog.fast.qkv import project as qkv_project
 
 SDPA_BACKENDS = {
     "cudnn": SDPBackend.CUDNN_ATTENTION,
@@ -173,7 +175,10 @@ class FastCogVideoXAttnProcessor:
         text_len = encoder_hidden_states.size(1)
         x = torch.cat([encoder_hidden_states, hidden_states], dim=1)
         batch, seq, _ = x.shape
-        q, k, v = attn.to_q(x), attn.to_k(x), attn.to_v(x)
+        if getattr(attn, QKV_FLAG, None):  # fast.fused_qkv: one GEMM for the three projections
+            q, k, v = qkv_project(attn, x)
+        else:
+            q, k, v = attn.to_q(x), attn.to_k(x), attn.to_v(x)
         head_dim = k.shape[-1] // attn.heads
         q, k, v = (t.view(batch, seq, attn.heads, head_dim).transpose(1, 2) for t in (q, k, v))
         if attn.norm_q is not None:
