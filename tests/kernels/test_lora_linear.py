@@ -1,8 +1,8 @@
 """Parity of fastcog.kernels.lora_linear (forward, every gradient) against fp64 ground truth.
 
-CPU tier (Triton interpreter): a representative subset of the grid, chosen so that every
-M in {1, 7, 131}, every rank in {1, 4, 16, 64, 128}, bias / no bias, frozen / trainable base
-and every dtype appear, with in / out features that are multiples of no block size.
+CPU tier (Triton interpreter): a covering subset of the grid (CPU_CASES: each pair of factors
+appears together at least once, not the full cross product; the argument is beside it), with
+in / out features that are multiples of no block size.
 GPU tier (-m gpu): the full grid natively, at CogVideoX shapes.
 """
 
@@ -90,24 +90,57 @@ def run_parity(lead, in_f, out_f, r, bias, train_base, dtype):
         assert_parity(name, k.grad, t.grad, lp.grad)
 
 
-# (lead dims, in, out, r, bias, trainable base). Every M x r pair of the grid, with feature
-# sizes that are multiples of no block size, bias and trainable base alternating; plus one
-# case with two leading dims.
+# The CPU grid: (lead dims, in, out, r, bias, trainable base, dtype), a covering array of strength 2,
+# not the full cross product (M x r x dtype x bias x base: 180 cases; interpreted, a case at M = 131
+# costs 1-2 s). Why pairs are enough: under the interpreter (one 32 x 32 x 32 config, GROUP_M 4)
+# * M decides the row tiles of every launch and the length and masks of the M-long reductions
+#   (dA, dB, dW): 1 and 7 are one partial tile, 131 five tiles, past a GROUP_M group;
+# * r decides the column tiles of S' / G', the row tiles of dA, and the K loop of the fused LoRA
+#   term (y and dx): r = 64, 128 are whole BLOCK_K tiles, 1, 4, 16 a partial (masked) one; 128 is
+#   four tiles;
+# * the dtype decides only the loads' and stores' element type and the dot precision, the same
+#   code for every shape, so it must meet each M and each r (and each flag), not each (M, r);
+# * bias adds the epilogue add (y) and db; a trainable base adds the dW launch (K = M) and, with
+#   bias, db: each meets each dtype and each M, and each other.
+# Every M x r pair runs once, with the dtype cycled as a Latin square ((i_M + i_r) mod 3), so every
+# M x dtype and r x dtype pair runs too; the features cycle through 4 shapes that are multiples of no
+# block size (each of them at M = 131, so each crosses tiles in both directions); bias comes every
+# other case, a trainable base every third. Plus one case with two leading dims. test_cpu_grid_covers_every_pair
+# checks these claims; the GPU tier below runs the full grid.
 _FEATURES = [(97, 75), (33, 130), (200, 67), (45, 51)]
+_MS, _RANKS = [1, 7, 131], [1, 4, 16, 64, 128]
 CPU_CASES = [
-    ((m,), *_FEATURES[i % 4], r, i % 2 == 0, i % 3 == 0)
-    for i, (m, r) in enumerate(itertools.product([1, 7, 131], [1, 4, 16, 64, 128]))
-] + [((3, 7), 45, 51, 128, True, False)]
+    ((m,), *_FEATURES[i % 4], r, i % 2 == 0, i % 3 == 0, DTYPES[(_MS.index(m) + _RANKS.index(r)) % 3])
+    for i, (m, r) in enumerate(itertools.product(_MS, _RANKS))
+] + [((3, 7), 45, 51, 128, True, False, torch.bfloat16)]
 
 
 def _case_id(c) -> str:
-    return f"M{'x'.join(map(str, c[0]))}-{c[1]}to{c[2]}-r{c[3]}{'-bias' * c[4]}{'-trainW' * c[5]}"
+    return (
+        f"M{'x'.join(map(str, c[0]))}-{c[1]}to{c[2]}-r{c[3]}{'-bias' * c[4]}{'-trainW' * c[5]}"
+        f"-{DTYPE_IDS[DTYPES.index(c[6])]}"
+    )
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("case", CPU_CASES, ids=_case_id)
-def test_lora_linear_parity(case, dtype):
-    run_parity(*case, dtype)
+def test_lora_linear_parity(case):
+    *shape, dtype = case
+    run_parity(*shape, dtype)
+
+
+def test_cpu_grid_covers_every_pair():
+    """The claims of the comment above CPU_CASES: any two of M, r, dtype, bias, trainable base run
+    together in every combination of their values; every feature shape runs at the multi-tile M;
+    no feature size is a multiple of a block size."""
+    rows = [{"M": c[0][0], "r": c[3], "bias": c[4], "trainW": c[5], "dtype": c[6]} for c in CPU_CASES[:-1]]
+    values = {"M": _MS, "r": _RANKS, "bias": [False, True], "trainW": [False, True], "dtype": DTYPES}
+    for a, b in itertools.combinations(values, 2):
+        seen = {(row[a], row[b]) for row in rows}
+        missing = set(itertools.product(values[a], values[b])) - seen
+        assert not missing, f"{a} x {b}: {sorted(missing, key=str)} never run"
+    assert {c[1:3] for c in CPU_CASES if c[0] == (max(_MS),)} == set(_FEATURES)
+    assert all(k % 32 for c in CPU_CASES for k in c[1:3])  # 32: the interpreter's block sizes
+    assert CPU_CASES[-1][0] == (3, 7)  # leading dims flattened
 
 
 @pytest.mark.gpu
