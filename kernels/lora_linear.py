@@ -33,13 +33,17 @@ accumulation; every product above is one launch of it:
 Block sizes. Under the interpreter one fixed config (32 x 32 x 32, GROUP_M 4) runs: small
 enough that the odd test shapes cross several tiles and exercise every mask. On a GPU the
 kernel is autotuned over five configs taken from the usual Hopper/Ampere starting points
-(128x128x64 / 8 warps / 3 stages and neighbours). Statically they are sound: every launch of
-a CogVideoX-shape step compiles for sm_90 with wgmma, a pipelined (cp.async) K loop, no
-register spills and at most 144 KiB of shared memory (bench/kernel_compile.py, a CI test;
-bench/results/kernel_compile_sm90_*). Their speed is not measured on a GPU, nor is the
-split-K heuristic: bench/kernel_sweep.py times 16 candidates on every launch and prints the
-list to put here; until it has run on the target GPU the list is a starting point, not a
-tuned choice.
+(128x128x64 / 8 warps / 3 stages and neighbours), except the rank-sized products (S', G', dA,
+dB), which run one config picked by tile arithmetic (``_RANK_CONFIG``: 139 tiles of 128 x 128
+for 132 SMs leave the second wave nearly empty). ``EVEN_K`` / ``EVEN_K2`` drop the K mask of a
+loop whose length is a multiple of BLOCK_K (CogVideoX's 3072 and 12288 features and r = 128;
+not the 17,776 tokens dA and dB reduce over).
+Statically they are sound: every launch of a CogVideoX-shape step compiles for sm_90 with
+wgmma, a pipelined (cp.async) K loop, no register spills and at most 144 KiB of shared memory
+(bench/kernel_compile.py, a CI test; bench/results/kernel_compile_sm90_*). Their speed is not
+measured on a GPU, nor is the split-K heuristic: bench/kernel_sweep.py times 16 candidates on
+every launch and prints the list to put here; until it has run on the target GPU the list is
+a starting point, not a tuned choice.
 
 Layers: ``_fused_mm_kernel`` (Triton) -> ``fused_mm`` (launcher) -> ``_lora_forward`` /
 ``_lora_backward`` (the launch sequences of the math above), all in this module; then, in
@@ -80,17 +84,26 @@ def _accumulate(
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr,
 ):
-    """acc += A[rows, k_lo:k_hi] @ B[k_lo:k_hi, cols], fp32 accumulator."""
+    """acc += A[rows, k_lo:k_hi] @ B[k_lo:k_hi, cols], fp32 accumulator.
+
+    EVEN_K: k_lo and k_hi are multiples of BLOCK_K, so every tile is whole along K and the loads
+    carry only the M / N edge masks (no per-iteration K compare).
+    """
     offs_k = tl.arange(0, BLOCK_K)
     # 64-bit offsets: M * stride overflows int32 at video shapes (17,776 x 12,288 x batch).
     k_start = tl.cast(k_lo, tl.int64)
     a_ptrs = a_ptr + rows[:, None] * stride_am + (k_start + offs_k[None, :]) * stride_ak
     b_ptrs = b_ptr + (k_start + offs_k[:, None]) * stride_bk + cols[None, :] * stride_bn
     for k0 in range(k_lo, k_hi, BLOCK_K):
-        mask_k = (k0 + offs_k) < k_hi
-        a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
+            b = tl.load(b_ptrs, mask=mask_n[None, :], other=0.0)
+        else:
+            mask_k = (k0 + offs_k) < k_hi
+            a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         if UPCAST:  # interpreter: bf16 arithmetic is wrong there (see _common)
             a = a.to(tl.float32)
             b = b.to(tl.float32)
@@ -129,6 +142,8 @@ def _fused_mm_kernel(
     SPLIT_K: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    EVEN_K2: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -138,7 +153,8 @@ def _fused_mm_kernel(
 
     Axis 0 walks output tiles in GROUP_M-row super-groups (consecutive programs share the
     same B1 columns, for L2 reuse); axis 1 is the split-K index (the launcher only splits
-    single-product calls, so the second loop never runs split).
+    single-product calls, so the second loop never runs split). EVEN_K / EVEN_K2: K1 / K2 is a
+    multiple of BLOCK_K (set by the launcher's heuristic), so that loop has no K mask.
     """
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -166,13 +182,13 @@ def _fused_mm_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc = _accumulate(
         acc, a1_ptr, b1_ptr, rows, cols, mask_m, mask_n, k_lo, k_hi,
-        stride_a1m, stride_a1k, stride_b1k, stride_b1n, UPCAST, DOT_PRECISION, BLOCK_K,
+        stride_a1m, stride_a1k, stride_b1k, stride_b1n, UPCAST, DOT_PRECISION, BLOCK_K, EVEN_K,
     )  # fmt: skip
     if HAS_SECOND:
         # The fused LoRA term: extra K iterations on the same accumulator.
         acc = _accumulate(
             acc, a2_ptr, b2_ptr, rows, cols, mask_m, mask_n, 0, K2,
-            stride_a2m, stride_a2k, stride_b2k, stride_b2n, UPCAST, DOT_PRECISION, BLOCK_K,
+            stride_a2m, stride_a2k, stride_b2k, stride_b2n, UPCAST, DOT_PRECISION, BLOCK_K, EVEN_K2,
         )  # fmt: skip
     acc = acc * alpha
     if HAS_BIAS:
@@ -189,23 +205,53 @@ def _fused_mm_kernel(
 
 # One fixed config under the interpreter (autotune would need a CPU timer there); on a GPU a
 # small autotune set, compile-checked for sm_90 but not timed on a GPU (see the module docstring).
+_GPU_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=w, num_stages=st)
+    for bm, bn, w, st in [
+        (128, 128, 8, 3),
+        (128, 256, 8, 3),
+        (128, 64, 4, 4),
+        (64, 128, 4, 4),
+        (64, 64, 4, 4),
+    ]
+]
 if INTERPRET:
     _CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4})]
 else:
-    _CONFIGS = [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=w, num_stages=st)
-        for bm, bn, w, st in [
-            (128, 128, 8, 3),
-            (128, 256, 8, 3),
-            (128, 64, 4, 4),
-            (64, 128, 4, 4),
-            (64, 64, 4, 4),
-        ]
-    ]
+    _CONFIGS = _GPU_CONFIGS
+
+# Rank-sized products: one product whose output has at most RANK_SIZED rows or columns (S' = s x A.T
+# and G' = s dy B [M, r], dA [r, in], dB [out, r]) run _RANK_CONFIG alone. Chosen by tile arithmetic,
+# not by a timing: 132 SMs (H100 SXM, H200), M = 17,776, r = 128, a launch lasting as long as its
+# busiest SM (equal tiles, an SM's throughput shared by the tiles it holds):
+#   S', G'   128 x 128: 139 tiles, 1.05 per SM, the busiest run 2: 139 / (2 x 132) = 53% of SM-time used
+#            64 x 128:  278 tiles, 2.11 per SM, at most 3: 70%
+#            64 x 64:   556 tiles, 4.21 per SM, at most 5: 84%
+#   dA, dB   (K = 17,776, split by pick_split_k) 64 x 64: 96 tiles x 4 splits (in / out 3072) or 384 x 1
+#            (12288): 384 programs, 2.91 per SM, at most 3: 97%; 128 x 128: 96 programs, 73%.
+# The price of 64 x 64: each row block of x (dy) is read by two column tiles, adjacent programs under
+# GROUP_M (so the second read can come from L2), and the rank-wide operand by twice as many row tiles.
+RANK_SIZED = 128
+_RANK_CONFIG = _GPU_CONFIGS[4]
+
+
+def _prune_configs(configs: list, named_args: dict, **kwargs) -> list:
+    """The autotuner's candidates for one launch: _RANK_CONFIG alone for a rank-sized product (when the
+    list holds it), else the whole list."""
+    if kwargs.get("HAS_SECOND") or min(named_args["M"], named_args["N"]) > RANK_SIZED:
+        return configs
+    return [c for c in configs if c == _RANK_CONFIG] or configs
+
+
+def _even_k(k_arg: str):
+    return lambda args: args[k_arg] % args["BLOCK_K"] == 0
+
 
 _fused_mm_tuned = triton.autotune(
-    configs=_CONFIGS, key=["M", "N", "K1", "K2", "HAS_SECOND", "HAS_BIAS", "SPLIT_K"]
-)(_fused_mm_kernel)
+    configs=_CONFIGS,
+    key=["M", "N", "K1", "K2", "HAS_SECOND", "HAS_BIAS", "SPLIT_K"],
+    prune_configs_by={"early_config_prune": _prune_configs},
+)(triton.heuristics({"EVEN_K": _even_k("K1"), "EVEN_K2": _even_k("K2")})(_fused_mm_kernel))
 
 
 # --------------------------------------------------------------------------- launcher

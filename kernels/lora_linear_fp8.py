@@ -37,8 +37,8 @@ integer arithmetic on the fp32 bit pattern, ``EMULATE_FP8`` converts FP8 tiles t
 NaN / inf) and multiplies them with an fp32 dot (the products of FP8 values are exact in fp32).
 
 Block sizes. Interpreter: one small config, so the odd test shapes cross tiles and exercise every mask.
-GPU: a short autotune list of 128-wide FP8 K blocks (wgmma's FP8 K step is 32); ``EVEN_K`` drops the K
-mask where K % BLOCK_K == 0 (every CogVideoX K and N: 3072, 12288). Not timed on a GPU.
+GPU: short autotune lists (FP8 K blocks of 128: wgmma's FP8 K step is 32); ``EVEN_K`` / ``EVEN_R`` drop the K
+masks of whole-tile loops (CogVideoX's K and N: 3072, 12288; r = 128). Not timed on a GPU.
 
 Layers: kernels -> ``quantize_lora`` / ``fp8_lora_mm`` (launchers) -> ``_lora_fp8_forward`` /
 ``_lora_fp8_backward`` (the launch sequences); custom ops and the public function: ``lora_linear_fp8_op``.
@@ -215,8 +215,8 @@ def _fp8_lora_mm_kernel(
     stride_am, stride_ak, stride_bn, stride_bk, stride_ai, stride_bi,
     stride_sm, stride_sr, stride_lr, stride_ln, stride_cm, stride_cn,
     HAS_BIAS: tl.constexpr, FAST_ACCUM: tl.constexpr, EMULATE_FP8: tl.constexpr, UPCAST: tl.constexpr,
-    EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr, EVEN_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     """C = (A8 @ B8.T) * a_inv[row] * b_inv[col] + S @ L + bias; A8 [M, K], B8 [N, K] FP8, L [R, N].
 
@@ -266,7 +266,7 @@ def _fp8_lora_mm_kernel(
     # The LoRA term: rank-wide K iterations on the same accumulator, now in real units.
     acc = _accumulate(
         acc, s_ptr, l_ptr, rows, cols, mask_m, mask_n, 0, R,
-        stride_sm, stride_sr, stride_lr, stride_ln, UPCAST, "ieee", BLOCK_R,
+        stride_sm, stride_sr, stride_lr, stride_ln, UPCAST, "ieee", BLOCK_R, EVEN_R,
     )  # fmt: skip
     if HAS_BIAS:
         acc = acc + tl.load(bias_ptr + cols, mask=mask_n, other=0.0).to(tl.float32)[None, :]
@@ -283,22 +283,32 @@ def _even_k(args: dict) -> bool:
 if INTERPRET:
     _QUANT_CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_K": 32})]
     _MM_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "BLOCK_R": 16, "GROUP_M": 4})]
+    _QUANT_CONFIGS_WIDE: list = []
 else:
-    _QUANT_CONFIGS = [
-        triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=3)
-        for bm, bk, w in [(64, 128, 4), (128, 64, 8)]
-    ]
+    # 64-row blocks, by arithmetic (not a timing): M = 17,776 gives 278 programs for 132 SMs, at most 3 per SM
+    # for a mean of 2.11 (70% of SM-time; 128 rows: 139, at most 2 for 1.05: 53%; under 64 rows, no wgmma).
+    _QUANT_CONFIGS = [triton.Config({"BLOCK_M": 64, "BLOCK_K": bk}, num_warps=4, num_stages=3) for bk in (128, 64)]
+    # r > 128 (fastcog.fast.qkv's 3 x 128): 8 warps hold the [64, 512] fp32 accumulator (it spills over 4); K blocks
+    # of 32 / 64 keep the [BLOCK_K, 512] tiles within shared memory.
+    _QUANT_CONFIGS_WIDE = [triton.Config({"BLOCK_M": 64, "BLOCK_K": bk}, num_warps=8, num_stages=st)
+                           for bk, st in [(32, 3), (64, 2)]]  # fmt: skip
     _MM_CONFIGS = [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 128, "BLOCK_R": 64, "GROUP_M": 8},
                       num_warps=w, num_stages=st)  # fmt: skip
         for bm, bn, w, st in [(128, 128, 8, 4), (256, 128, 8, 3), (64, 128, 4, 4)]
     ]
 
-_quant_lora_tuned = triton.autotune(configs=_QUANT_CONFIGS, key=["M", "K", "R", "ROWWISE", "FP8_MAX"])(
-    triton.heuristics({"EVEN_K": _even_k})(_quant_lora_kernel)
-)
+
+def _quant_prune(configs: list, named_args: dict, **kwargs) -> list:  # _QUANT_CONFIGS_WIDE for r > 128
+    return [c for c in configs if (c in _QUANT_CONFIGS_WIDE) == (named_args["R"] > 128)] or configs
+
+
+_quant_lora_tuned = triton.autotune(
+    configs=_QUANT_CONFIGS + _QUANT_CONFIGS_WIDE, key=["M", "K", "R", "ROWWISE", "FP8_MAX"],
+    prune_configs_by={"early_config_prune": _quant_prune},
+)(triton.heuristics({"EVEN_K": _even_k})(_quant_lora_kernel))
 _fp8_lora_mm_tuned = triton.autotune(configs=_MM_CONFIGS, key=["M", "N", "K", "R", "HAS_BIAS", "FAST_ACCUM"])(
-    triton.heuristics({"EVEN_K": _even_k})(_fp8_lora_mm_kernel)
+    triton.heuristics({"EVEN_K": _even_k, "EVEN_R": lambda args: args["R"] % args["BLOCK_R"] == 0})(_fp8_lora_mm_kernel)
 )
 
 
