@@ -41,23 +41,40 @@ def test_cover_picks_fewest_configs_within_tolerance(monkeypatch):
 def test_sweep_smoke_times_every_candidate_on_every_launch(tmp_path, monkeypatch):
     sweep = _load(monkeypatch)
     lora = importlib.import_module("fastcog.kernels.lora_linear")
-    configs_before, split_before = list(lora._fused_mm_tuned.configs), lora.pick_split_k
+    fp8 = importlib.import_module("fastcog.kernels.lora_linear_fp8")
+    tuners = [lora._fused_mm_tuned, fp8._quant_lora_tuned, fp8._fp8_lora_mm_tuned]
+    before = [(list(t.configs), t.early_config_prune) for t in tuners]
+    split_before = lora.pick_split_k
 
     result = sweep.main(["--smoke", "--out", str(tmp_path)])
 
-    # The module's autotune list and split-K heuristic are restored afterwards.
-    assert lora._fused_mm_tuned.configs == configs_before and lora.pick_split_k is split_before
-    candidates = {f"{m}x{n}x{k}:{w}:{s}" for m, n, k, w, s in sweep.SMOKE_CANDIDATES}
-    launches: dict[str, set[str]] = {}
+    # The modules' autotune lists, pruning and split-K heuristic are restored afterwards.
+    assert [(t.configs, t.early_config_prune) for t in tuners] == before and lora.pick_split_k is split_before
+    labels = {name: {sweep.label(c) for c in sweep.configs(cands, kind)} for name, cands, kind in [
+        ("fused_mm", sweep.SMOKE_CANDIDATES, "mm"), ("quantise", sweep.SMOKE_QUANT_CANDIDATES, "quant"),
+        ("fp8 gemm", sweep.SMOKE_FP8_MM_CANDIDATES, "fp8")]}  # fmt: skip
+    labels["fused_mm rank-sized"] = labels["fused_mm"]
+    launches: dict[str, dict[str, set[str]]] = {}
     for t in result["timings"]:
-        launches.setdefault(t.launch, set()).add(t.config)
+        launches.setdefault(t.kernel, {}).setdefault(t.launch, set()).add(t.config)
         assert t.p50_ms > 0
-    # Forward (S', y), backward (G' shares S''s key here; dx, dA, dB): every launch saw every candidate.
-    assert len(launches) >= 5 and all(cfgs == candidates for cfgs in launches.values()), launches
-    assert set(result["recommended"]) <= candidates and result["recommended"]
+    # Every launch saw every candidate of its kernel: fused_mm's y and dx; the rank-sized S', G', dA, dB;
+    # the FP8 base (tensorwise) quantising x (e4m3) and dy (e5m2), its forward and dx GEMMs.
+    assert {k: len(v) for k, v in launches.items()} == {"fused_mm": 2, "fused_mm rank-sized": 4, "quantise": 2,
+                                                        "fp8 gemm": 2}  # fmt: skip
+    for kernel, by_launch in launches.items():
+        assert all(cfgs == labels[kernel] for cfgs in by_launch.values()), (kernel, by_launch)
+    assert [x.split()[-1] for x in launches["quantise"]] == ["e4m3", "e5m2"]
+    assert [x.split(" ", 1)[1] for x in launches["fp8 gemm"]] == ["e4m3 x e4m3 fast", "e5m2 x e4m3"]
+    lists = {"fused_mm": "_CONFIGS", "fused_mm rank-sized": "_RANK_CONFIG", "quantise": "_QUANT_CONFIGS",
+             "fp8 gemm": "_MM_CONFIGS"}  # fmt: skip
+    assert set(result["recommended"]) == set(lists.values())
+    for kernel, name in lists.items():
+        assert result["recommended"][name] and set(result["recommended"][name]) <= labels[kernel]
     assert [s for _, s, _ in result["splits"]] == ["heuristic", "1", "4"]
 
     md = (tmp_path / "kernel_sweep_smoke.md").read_text()
-    assert "NOT performance claims" in md and "recommended `_CONFIGS`" in md and "triton" in md
+    assert "NOT performance claims" in md and "triton" in md
+    assert all(f"recommended `{name}`" in md for name in lists.values())
     body = [x for x in (tmp_path / "kernel_sweep_smoke.csv").read_text().splitlines() if not x.startswith("#")]
     assert len(list(csv.DictReader(body))) == len(result["timings"])
