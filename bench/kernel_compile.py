@@ -4,25 +4,34 @@ The CPU test tier runs the kernels under the Triton interpreter, which never com
 kernel can pass every parity test and still fail to compile for a GPU, spill registers, or
 ask for more shared memory than a block may have. This script closes that gap without a GPU.
 It installs a Triton driver that knows a target (sm_90 by default) but has no device, runs a
-real forward + backward of ``lora_linear`` (one case per CogVideoX linear shape) and of
-``add_noise`` / ``velocity_mse_loss`` on CPU tensors of the real shapes, and catches every
-kernel launch in Triton's ``jit_cache_hook``: the launch's real specialization (dtypes,
-16-divisible sizes and strides, constexprs) is compiled for the target and then skipped, so
-nothing runs and the outputs are garbage. For every launch and every autotune config it
-reports:
+real forward + backward on CPU tensors of the real shapes (one case per CogVideoX linear shape,
+rank 128, and fastcog.fast.qkv's fused q/k/v: 3072 -> 9216, rank 384) of ``lora_linear`` (bf16)
+and ``lora_linear_fp8`` (FP8 base, tensorwise and rowwise recipes; the fused q/k/v rowwise only),
+and of ``add_noise`` / ``velocity_mse_loss``, and catches every kernel launch in Triton's
+``jit_cache_hook``: the launch's real specialization (dtypes, 16-divisible sizes and strides,
+constexprs) is compiled for the target and then skipped, so nothing runs and the outputs are
+garbage. Each autotuner offers every config it would time for that launch (its own list, after
+its pruning), with a stand-in timer. For every launch and config it reports:
 
 * registers per thread and spill bytes (ptxas -v on the generated PTX),
 * shared memory per block against the target's limit,
-* the MMA instruction used (``wgmma.mma_async`` on sm_90, ``mma.sync`` on sm_80), and
-* whether the K loop is software-pipelined (``cp.async`` / bulk copies in the PTX).
+* the MMA instructions (``wgmma.mma_async`` on sm_90, ``mma.sync`` on sm_80) with their operand
+  types (FP8 GEMMs must run FP8 MMAs: e4m3 x e4m3, e5m2 x e4m3),
+* whether the K loop is software-pipelined (``cp.async`` / bulk copies in the PTX),
+* the K loops specialised as whole tiles (``EVEN_*`` constexprs true: no K mask) and the PTX's
+  compare (``setp``) instructions; the full run adds the first shape with every ``EVEN_*`` forced
+  off, so the report shows the compares the K masks cost, and
+* the programs the launch starts and the share of SM-time they fill on the target's SMs
+  (programs / (SMs x ceil(programs / SMs)): arithmetic, not a measurement).
 
 This is a static check: it says a config can run well, never how fast it runs. The block
-size sweep itself (bench/kernel_bench.py --sweep) needs the GPU; this prunes its candidates and
-keeps CI honest about native compilation.
+size sweep itself (bench/kernel_sweep.py) needs the GPU; this prunes its candidates and
+keeps CI honest about native compilation. sm_80 has no FP8 MMA: the FP8 launches are skipped there.
 
-    python bench/kernel_compile.py                       # sm_90, every case, every config
+    python bench/kernel_compile.py                       # sm_90, every case, every config tuned
     python bench/kernel_compile.py --arch 80 --check     # exit 1 on a spill / smem / MMA / pipelining failure
     python bench/kernel_compile.py --cases ci --configs 128x128x64:8:3,64x64x64:4:4
+    python bench/kernel_compile.py --sweep-candidates --tag sweep_candidates   # what kernel_sweep.py may time
 
 Must run without TRITON_INTERPRET=1 (the kernels must be defined as compiled kernels).
 """
@@ -35,46 +44,37 @@ import datetime as _dt
 import importlib
 import os
 import re
-import subprocess
 import sys
-import tempfile
-import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
-# Largest dynamic shared memory one block may use (CUDA programming guide, "Compute
-# capabilities" table): 227 KB on sm_90, 163 KB on sm_80.
-SMEM_LIMIT = {90: 232_448, 80: 166_912}
-MMA_INSTRUCTION = {90: "wgmma.mma_async", 80: "mma.sync"}
+sys.path.append(str(Path(__file__).resolve().parent))  # kernel_compile_lib, also when loaded by file path (tests)
+from kernel_compile_lib import (  # noqa: E402
+    NUM_SMS,
+    SMEM_LIMIT,
+    Launch,
+    Recorder,
+    config_label,
+    install,
+)
 
+__all__ = ["config_label", "main", "parse_configs", "run", "write"]
 
-@dataclass
-class Launch:
-    case: str
-    kernel: str
-    shape: str  # M x N x K (+K2) for fused_mm, elements for the loss kernels
-    config: str  # BLOCK_MxBLOCK_NxBLOCK_K:warps:stages
-    compiled: bool
-    regs: int
-    spill_bytes: int
-    smem_bytes: int
-    mma: int  # MMA instructions in the PTX
-    pipelined: bool  # async copies in the PTX
-    compile_s: float
-    problems: str  # "" when the launch passes every check
+FP8_SKIP = {80: "sm_80 has no FP8 MMA (FP8 tensor-core MMAs and Triton's e4m3 type need sm_89 or newer)"}
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", type=int, default=90, choices=sorted(SMEM_LIMIT), help="compute capability x10")
-    p.add_argument("--cases", default="full", choices=["full", "ci"], help="ci: 3072->3072 and the loss only")
+    p.add_argument("--cases", default="full", choices=["full", "ci"], help="ci: the 3072->3072 shape and the loss only")
     p.add_argument(
         "--configs",
         default="",
         help="fused_mm configs to compile instead of the kernel's autotune list, comma separated "
-        "BLOCK_MxBLOCK_NxBLOCK_K:num_warps:num_stages (GROUP_M 8)",
+        "BLOCK_MxBLOCK_NxBLOCK_K:num_warps:num_stages (GROUP_M 8), each on every launch of the bf16 step",
     )
+    p.add_argument("--sweep-candidates", action="store_true",
+                   help="compile bench/kernel_sweep.py's candidates of every kernel, each on every launch")  # fmt: skip
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     p.add_argument("--tag", default="", help="suffix for the output file names")
     p.add_argument("--check", action="store_true", help="exit 1 when any launch fails a check")
@@ -95,196 +95,139 @@ def parse_configs(text: str) -> list:
     return configs
 
 
-def config_label(meta: dict, warps: int, stages: int) -> str:
-    if "BLOCK_M" in meta:
-        return f"{meta['BLOCK_M']}x{meta['BLOCK_N']}x{meta['BLOCK_K']}:{warps}:{stages}"
-    return f"BLOCK={meta.get('BLOCK', '?')}:{warps}:{stages}"
+MASKED = " [EVEN_* forced off]"
 
 
-class _TargetOnlyDriver:
-    """Enough of a Triton driver to specialize and compile kernels: a target, no device."""
+def _lora_steps(recorder: Recorder, label: str, k: int, n: int, r: int, recipes: tuple, suffix: str = "") -> None:
+    """Forward + backward of lora_linear (bf16) and of lora_linear_fp8 under each of ``recipes``, on zeros of
+    the real shapes: 17,776 tokens, in k, out n, rank r."""
+    import torch
+    from fastcog.kernels import lora_linear, lora_linear_fp8
 
-    def __init__(self, target) -> None:
-        self.target = target
-
-    def get_current_device(self) -> int:
-        return 0
-
-    def get_current_stream(self, device: int | None = None) -> int:
-        return 0
-
-    def get_current_target(self):
-        return self.target
-
-
-def _ptxas_report(ptx: str, arch: int) -> tuple[int, int]:
-    """(registers, spill bytes) from ptxas -v, with the ptxas Triton itself uses."""
-    from triton.backends.nvidia.compiler import get_ptxas
-
-    sm = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
-    with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) / "k.ptx"
-        src.write_text(ptx)
-        res = subprocess.run(
-            [get_ptxas(arch).path, f"-arch={sm}", "-v", str(src), "-o", str(Path(tmp) / "k.o")],
-            capture_output=True,
-            text=True,
-        )
-    if res.returncode != 0:
-        raise RuntimeError(f"ptxas failed: {res.stderr.strip()[-500:]}")
-    regs = re.search(r"Used (\d+) registers", res.stderr)
-    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", res.stderr)
-    return int(regs.group(1)) if regs else -1, (int(spills.group(1)) + int(spills.group(2))) if spills else -1
+    m, dt, e4m3 = 17_776, torch.bfloat16, torch.float8_e4m3fn
+    x = torch.zeros(m, k, dtype=dt, requires_grad=True)
+    w, b = torch.zeros(n, k, dtype=dt), torch.zeros(n, dtype=dt)
+    a = torch.zeros(r, k, dtype=dt, requires_grad=True)
+    bb = torch.zeros(n, r, dtype=dt, requires_grad=True)
+    recorder.case = f"lora {label} r{r} bf16{suffix}"
+    dy = torch.zeros(m, n, dtype=dt)
+    lora_linear(x, w, b, a, bb, 1.0).backward(dy)
+    w8, wt8 = torch.zeros(n, k, dtype=e4m3), torch.zeros(k, n, dtype=e4m3)
+    for recipe in recipes:
+        inv = (torch.ones(1, n), torch.ones(1, k)) if recipe == "rowwise" else (torch.ones(()), torch.ones(()))
+        recorder.case = f"lora {label} r{r} fp8 {recipe}{suffix}"
+        lora_linear_fp8(x, w8, inv[0], wt8, inv[1], b, a, bb, 1.0, recipe).backward(dy)
 
 
-class Recorder:
-    """Compiles each distinct launch once, for ``arch``, instead of running it."""
-
-    def __init__(self, arch: int) -> None:
-        self.arch = arch
-        self.case = ""
-        self.launches: list[Launch] = []
-        self._seen: set = set()
-        self._shape = ""
-
-    def pre_run(self, *args, **kwargs) -> None:  # Triton pre-run hook: the launch's arguments
-        names = ("M", "N", "K1", "K2")
-        if "M" in kwargs or len(args) >= 10:
-            m, n, k1, k2 = (kwargs[x] if x in kwargs else args[6 + i] for i, x in enumerate(names))
-            self._shape = f"{m}x{n}x{k1}" + (f"+{k2}" if k2 else "")
-        else:  # the loss kernels: report the element count argument
-            ints = [a for a in args if isinstance(a, int) and not isinstance(a, bool)]
-            self._shape = f"n={ints[0]}" if ints else ""
-
-    def cache_hook(self, *, key, fn, compile, **_) -> bool:  # Triton jit_cache_hook
-        import triton
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource
-
-        jit = fn.jit_function
-        names = jit.arg_names
-        consts = {names[path[0]]: v for path, v in compile["constants"].items() if len(path) == 1}
-        label = config_label(consts, compile["num_warps"], compile["num_stages"])
-        ident = (self.case, jit.fn.__name__, self._shape, str(key))
-        if ident in self._seen:
-            return True
-        self._seen.add(ident)
-        target = GPUTarget("cuda", self.arch, 32)
-        src = ASTSource(jit, compile["signature"], compile["constants"], compile["configs"][0])
-        options = {k: compile[k] for k in ("num_warps", "num_ctas", "num_stages", "enable_fp_fusion")}
-        t0 = time.perf_counter()
-        try:
-            kernel = triton.compile(src, target=target, options=options)
-            ptx = kernel.asm["ptx"]
-            regs, spills = _ptxas_report(ptx, self.arch)
-            smem = int(kernel.metadata.shared)
-            compiled, err = True, ""
-        except Exception as e:  # noqa: BLE001 -- a failed compile is a result to report, not a crash
-            ptx, regs, spills, smem, compiled = "", -1, -1, -1, False
-            err = f"compile failed: {type(e).__name__}: {str(e).strip().splitlines()[-1][:200]}"
-        is_gemm = "BLOCK_K" in consts
-        mma = ptx.count(MMA_INSTRUCTION[self.arch])
-        pipelined = "cp.async" in ptx
-        problems = [err] if err else []
-        if compiled:
-            if spills != 0:
-                problems.append(f"{spills} bytes spilled")
-            if smem > SMEM_LIMIT[self.arch]:
-                problems.append(f"shared memory {smem} > {SMEM_LIMIT[self.arch]}")
-            if is_gemm and mma == 0:
-                problems.append(f"no {MMA_INSTRUCTION[self.arch]}")
-            if is_gemm and compile["num_stages"] > 1 and not pipelined:
-                problems.append("K loop not pipelined")
-        self.launches.append(
-            Launch(self.case, jit.fn.__name__, self._shape, label, compiled, regs, spills, smem, mma, pipelined,
-                   time.perf_counter() - t0, "; ".join(problems))
-        )  # fmt: skip
-        return True  # skip the real compile and the launch
-
-
-def _install(recorder: Recorder, modules: list) -> Callable[[], None]:
-    """Point Triton at the target-only driver and the recorder; returns the undo."""
-    import triton
-    from triton import knobs
-    from triton.backends.compiler import GPUTarget
-    from triton.runtime.driver import driver
-
-    # Restored by hand: reset_active() would build the default driver, which fails with no GPU.
-    previous_driver = getattr(driver, "_active", None)
-    driver.set_active(_TargetOnlyDriver(GPUTarget("cuda", recorder.arch, 32)))
-    old_hook = knobs.runtime.jit_cache_hook
-    knobs.runtime.jit_cache_hook = recorder.cache_hook
-    patched = []
-    for mod in modules:
-        for name in dir(mod):
-            obj = getattr(mod, name)
-            if isinstance(obj, triton.runtime.jit.JITFunction) and name.endswith("_kernel"):
-                obj.add_pre_run_hook(recorder.pre_run)
-                patched.append(obj)
-        # The launchers refuse CPU tensors outside the interpreter; here nothing runs.
-        patched.append((mod, "check_device", mod.check_device))
-        mod.check_device = lambda *tensors: None
-
-    def undo() -> None:
-        knobs.runtime.jit_cache_hook = old_hook
-        driver.set_active(previous_driver)
-        for item in patched:
-            if isinstance(item, tuple):
-                setattr(item[0], item[1], item[2])
-            else:
-                item.pre_run_hooks.remove(recorder.pre_run)
-
-    return undo
-
-
-def run(args: argparse.Namespace) -> list[Launch]:
+def run(args: argparse.Namespace) -> tuple[list[Launch], list[str]]:
+    """(launches, notes): every launch compiled, and a line per group of launches skipped, with why."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise SystemExit("bench/kernel_compile.py compiles kernels: unset TRITON_INTERPRET")
     import torch
 
     lora = importlib.import_module("fastcog.kernels.lora_linear")
+    fp8 = importlib.import_module("fastcog.kernels.lora_linear_fp8")
     loss = importlib.import_module("fastcog.kernels.diffusion_loss")
-    from fastcog.kernels import add_noise, lora_linear, velocity_mse_loss
+    from fastcog.kernels import add_noise, velocity_mse_loss
     from fastcog.kernels.reference import cogvideox_alphas_cumprod
 
-    configs = parse_configs(args.configs) if args.configs else list(lora._CONFIGS)
     recorder = Recorder(args.arch)
-    undo = _install(recorder, [lora, loss])
-    tuned, num_sms = lora._fused_mm_tuned, lora._num_sms
-    saved_configs = tuned.configs
-    lora._num_sms = lambda device: 132  # H100 SXM / H200: the split-K heuristic sees the real SM count
+    tuners = [lora._fused_mm_tuned, fp8._quant_lora_tuned, fp8._fp8_lora_mm_tuned]
+    lists = [parse_configs(args.configs) if args.configs else None, None, None]
+    if args.sweep_candidates:
+        import kernel_sweep  # beside this file
+
+        lists = [kernel_sweep.configs(kernel_sweep.CANDIDATES, "mm"),
+                 kernel_sweep.configs(kernel_sweep.QUANT_CANDIDATES, "quant"),
+                 kernel_sweep.configs(kernel_sweep.FP8_MM_CANDIDATES, "fp8")]  # fmt: skip
+    undo = install(recorder, [lora, fp8, loss], tuners, lists)
+    num_sms = lora._num_sms
+    lora._num_sms = lambda device: NUM_SMS[args.arch]  # the split-K heuristic sees the target's SM count
+    notes = [f"lora_linear_fp8 launches skipped: {FP8_SKIP[args.arch]}."] if args.arch in FP8_SKIP else []
+    if args.configs and not notes:  # its fused_mm launches (dA, dB) are the bf16 step's: nothing new to compile
+        notes.append("lora_linear_fp8 launches skipped: --configs sets fused_mm's configs only.")
+    both = () if notes else ("tensorwise", "rowwise")
     try:
-        m, r = 17_776, 128
-        shapes = [("q/k/v/out 3072->3072", 3072, 3072)]
+        # (label, in, out, rank, FP8 recipes). fastcog.fast.qkv's fused q/k/v: one GEMM over the concatenated
+        # weights with the three adapters as one of rank 3r (plain or rowwise-FP8 bases only).
+        shapes = [("q/k/v/out 3072->3072", 3072, 3072, 128, both)]
         if args.cases == "full":
-            shapes += [("ff up 3072->12288", 3072, 12288), ("ff down 12288->3072", 12288, 3072)]
-        dt = torch.bfloat16
-        for label, k, n in shapes:
-            x = torch.zeros(m, k, dtype=dt, requires_grad=True)
-            w, b = torch.zeros(n, k, dtype=dt), torch.zeros(n, dtype=dt)
-            a = torch.zeros(r, k, dtype=dt, requires_grad=True)
-            bb = torch.zeros(n, r, dtype=dt, requires_grad=True)
-            for cfg in configs:  # one config at a time: a single-config Autotuner never benchmarks
-                tuned.configs = [cfg]
-                recorder.case = f"lora {label} r{r} bf16"
-                y = lora_linear(x, w, b, a, bb, 1.0)
-                y.backward(torch.zeros_like(y))
+            shapes += [("ff up 3072->12288", 3072, 12288, 128, both), ("ff down 12288->3072", 12288, 3072, 128, both)]
+        if args.cases == "full" and not args.sweep_candidates:  # the sweep times the three shapes above
+            shapes.append(("fused q/k/v 3072->9216", 3072, 9216, 384, both[1:]))
+        for shape in shapes:
+            _lora_steps(recorder, *shape)
+        if args.cases == "full" and lists == [None, None, None]:
+            # The first shape again with every EVEN_* constexpr false, for the K-mask comparison of the report.
+            heuristics = [tuner.fn.values for tuner in tuners]
+            saved = [dict(values) for values in heuristics]
+            for values in heuristics:
+                values.update(dict.fromkeys(values, lambda _: False))
+            try:
+                _lora_steps(recorder, *shapes[0], suffix=MASKED)
+            finally:
+                for values, before in zip(heuristics, saved, strict=True):
+                    values.update(before)
         recorder.case = "loss 49x480x720 (1x13x16x60x90) bf16"
-        shape = (1, 13, 16, 60, 90)
+        shape, dt = (1, 13, 16, 60, 90), torch.bfloat16
         z0, eps = torch.zeros(shape, dtype=dt), torch.zeros(shape, dtype=dt)
         t = torch.tensor([500])
         abar = cogvideox_alphas_cumprod()
         xt = add_noise(z0, eps, t, abar)
         v = torch.zeros(shape, dtype=dt, requires_grad=True)
         velocity_mse_loss(v, xt, z0, t, abar).backward()
+        return recorder.finish(), notes  # before the undo: the compiles use the target-only driver
     finally:
-        tuned.configs = saved_configs
         lora._num_sms = num_sms
         undo()
-    return recorder.launches
 
 
-def write(launches: list[Launch], args: argparse.Namespace) -> Path:
+def _mask_table(launches: list[Launch]) -> list[str]:
+    """Markdown: each launch of the first shape with whole-tile K loops against itself with EVEN_* forced off."""
+    masked = [x for x in launches if x.case.endswith(MASKED)]
+    if not masked:
+        return []
+    pairs, taken = [], set()
+    for x in masked:  # the n-th masked twin of a (case, kernel, shape, config) pairs with the n-th original
+        same = [i for i, y in enumerate(launches) if i not in taken and (y.case + MASKED, y.kernel, y.shape,
+                y.config) == (x.case, x.kernel, x.shape, x.config)]  # fmt: skip
+        if same and launches[same[0]].even_k != "-":
+            taken.add(same[0])
+            pairs.append((launches[same[0]], x))
+    lines = [
+        "", "## K masks", "",
+        "The first shape's launches with whole-tile K loops, compiled as launched and with every EVEN_* "
+        "constexpr forced off (the K masks on): PTX compare instructions (setp) and registers.", "",
+        "| case | kernel | shape | config | whole-tile K | setp | setp, masks on | regs | regs, masks on |",
+        "|---|---|---|---|---|---:|---:|---:|---:|",
+    ]  # fmt: skip
+    for x, y in pairs:
+        lines.append(f"| {x.case} | {x.kernel} | {x.shape} | {x.config} | {x.even_k} | {x.setp} | {y.setp} "
+                     f"| {x.regs} | {y.regs} |")  # fmt: skip
+    return lines
+
+
+def _summary(launches: list[Launch]) -> list[str]:
+    """Markdown: per kernel, the extremes over its launches x configs."""
+    lines = [
+        "| kernel | launches x configs | regs, max | spill B, max | smem B, max | MMA operands | pipelined "
+        "| whole-tile K | SM fill, min |",
+        "|---|---:|---:|---:|---:|---|---|---|---:|",
+    ]
+    for kernel in dict.fromkeys(x.kernel for x in launches):
+        xs = [x for x in launches if x.kernel == kernel]
+        operands = dict.fromkeys(t.split(":")[0] for x in xs for t in x.mma_types.split("; ") if t)
+        fills = [x.sm_fill for x in xs if x.programs]
+        lines.append(
+            f"| {kernel} | {len(xs)} | {max(x.regs for x in xs)} | {max(x.spill_bytes for x in xs)} "
+            f"| {max(x.smem_bytes for x in xs)} | {', '.join(operands) or '-'} "
+            f"| {sum(x.pipelined for x in xs)} of {len(xs)} | {sum(x.even_k != '-' for x in xs)} of {len(xs)} "
+            f"| {f'{min(fills):.0%}' if fills else '-'} |"
+        )
+    return lines
+
+
+def write(launches: list[Launch], notes: list[str], args: argparse.Namespace) -> Path:
     import torch
     import triton
 
@@ -294,42 +237,56 @@ def write(launches: list[Launch], args: argparse.Namespace) -> Path:
         writer = csv.DictWriter(f, fieldnames=list(asdict(launches[0])))
         writer.writeheader()
         writer.writerows(asdict(x) for x in launches)
-    bad = [x for x in launches if x.problems]
+    step = [x for x in launches if not x.case.endswith(MASKED)]
+    bad, masked = [x for x in step if x.problems], len(step) < len(launches)
     lines = [
         f"# Native compile check, sm_{args.arch} (no GPU needed)",
         "",
         f"{_dt.date.today().isoformat()}; triton {triton.__version__}, torch {torch.__version__}; "
         f"`python bench/kernel_compile.py --arch {args.arch} --cases {args.cases}"
         + (f" --configs {args.configs}" if args.configs else "")
+        + (" --sweep-candidates" if args.sweep_candidates else "")
         + "`",
         "",
-        "Static facts from compiling each launch of a real-shape forward + backward for the target: "
-        "registers and spills (ptxas -v), shared memory per block (limit "
-        f"{SMEM_LIMIT[args.arch]} B), MMA instructions, async (pipelined) loads. Not a timing.",
+        "Static facts from compiling each launch of a real-shape forward + backward for the target, with "
+        "every config its autotuner would time: registers and spills (ptxas -v), shared memory per block "
+        f"(limit {SMEM_LIMIT[args.arch]} B), MMA instructions and their operand types, async (pipelined) "
+        "loads, the K loops specialised as whole tiles (EVEN_*: no K mask) and the PTX's compare (setp) "
+        f"instructions, the programs launched and the share of SM-time they can fill on {NUM_SMS[args.arch]} "
+        "SMs (programs / (SMs x ceil(programs / SMs)), arithmetic). Not a timing.",
         "",
-        f"**{len(launches)} launches, {len(bad)} with problems.**",
+        *[f"{note}\n" for note in notes],
+        f"**{len(step)} launches"
+        + (f" (and {len(launches) - len(step)} compiled with the K masks on: K masks, below)" if masked else "")
+        + f", {len(bad)} with problems.**",
         "",
-        "| case | kernel | M x N x K | config | regs | spill B | smem B | MMA | pipelined | problems |",
-        "|---|---|---|---|---:|---:|---:|---:|---|---|",
+        *_summary(step),
+        "",
+        "| case | kernel | shape | config | regs | spill B | smem B | MMA | MMA operands | pipelined | whole-tile K "
+        "| setp | programs | SM fill | problems |",
+        "|---|---|---|---|---:|---:|---:|---:|---|---|---|---:|---:|---:|---|",
     ]
-    for x in launches:
+    for x in step:
         lines.append(
             f"| {x.case} | {x.kernel} | {x.shape} | {x.config} | {x.regs} | {x.spill_bytes} | {x.smem_bytes} "
-            f"| {x.mma} | {'yes' if x.pipelined else 'no'} | {x.problems or '-'} |"
+            f"| {x.mma} | {x.mma_types or '-'} | {'yes' if x.pipelined else 'no'} | {x.even_k} | {x.setp} "
+            f"| {x.programs or '-'} | {f'{x.sm_fill:.0%}' if x.programs else '-'} | {x.problems or '-'} |"
         )
-    Path(f"{stem}.md").write_text("\n".join(lines) + "\n")
+    Path(f"{stem}.md").write_text("\n".join(lines + _mask_table(launches)) + "\n")
     return stem
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
-    launches = run(args)
-    stem = write(launches, args)
-    bad = [x for x in launches if x.problems]
+    launches, notes = run(args)
+    stem = write(launches, notes, args)
+    # The launches of the step: the K-mask twins are a comparison, not code that runs.
+    bad = [x for x in launches if x.problems and not x.case.endswith(MASKED)]
     for x in launches:
         status = x.problems or "ok"
         print(f"{x.case:<40} {x.kernel:<22} {x.shape:<22} {x.config:<16} regs {x.regs:>4} smem {x.smem_bytes:>7} "
               f"{status}")  # fmt: skip
+    print(*notes, sep="\n")
     print(f"{len(launches)} launches compiled for sm_{args.arch}, {len(bad)} with problems; wrote {stem}.md / .csv")
     return 1 if (args.check and bad) else 0
 

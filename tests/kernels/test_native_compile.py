@@ -2,9 +2,10 @@
 
 The parity suite runs the kernels under the Triton interpreter, which never compiles them.
 bench/kernel_compile.py compiles each launch of a CogVideoX-shape forward + backward (with
-its real specialization) for an H100/H200 target and checks registers, spills, shared
-memory, wgmma and software pipelining. Here it runs in a subprocess, because the kernels
-must be defined without TRITON_INTERPRET, which conftest sets for this process.
+its real specialization) of the bf16 and the FP8-base LoRA linear for an H100/H200 target and
+checks registers, spills, shared memory, wgmma (FP8 operands for the FP8 GEMMs) and software
+pipelining. Here it runs in a subprocess, because the kernels must be defined without
+TRITON_INTERPRET, which conftest sets for this process.
 """
 
 from __future__ import annotations
@@ -24,21 +25,28 @@ TOOL = ROOT / "bench" / "kernel_compile.py"
 # dx = dy W + G' A, dA = G'.T x, dB = dy.T S' (dW is never computed for a frozen base).
 LORA_LAUNCHES = ["17776x128x3072", "17776x3072x3072+128", "17776x128x3072", "17776x3072x3072+128",
                  "128x3072x17776", "3072x128x17776"]  # fmt: skip
+FUSED = "17776x3072x3072+128"  # y and dx: the only launches that are not rank-sized
 LOSS_KERNELS = {"_add_noise_kernel", "_vmse_partial_kernel", "_sum_partials_kernel", "_vmse_backward_kernel"}
+FP8_KERNELS = {"_quant_lora_kernel", "_fp8_lora_mm_kernel"}
+# The FP8 GEMM's operands (forward, then dx) per recipe: dy is e5m2 under tensorwise.
+FP8_MMA = {"tensorwise": ["e4m3 x e4m3", "e5m2 x e4m3"], "rowwise": ["e4m3 x e4m3", "e4m3 x e4m3"]}
 
 
-# One process for every use of the tool here (each process pays for importing torch and Triton
-# and for compiling the loss kernels again): it prints the autotune list of lora_linear, then runs
-# bench/kernel_compile.py's main once per argument list, each with its stdout and exit code.
+# One process for every use of the tool here (each process pays for importing torch and Triton):
+# it prints the autotune lists of the kernels, then runs bench/kernel_compile.py's main once per
+# argument list, each with its stdout and exit code (the second run reuses the first's compiles).
 DRIVER = """
 import contextlib, importlib, importlib.util, io, json, sys
-lora = importlib.import_module("fastcog.kernels.lora_linear")
-labels = [f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']}x{c.kwargs['BLOCK_K']}:{c.num_warps}:{c.num_stages}"
-          for c in lora._CONFIGS]
 spec = importlib.util.spec_from_file_location("fastcog_bench_kernel_compile", sys.argv[1])
 tool = importlib.util.module_from_spec(spec)
 sys.modules[spec.name] = tool
 spec.loader.exec_module(tool)
+lora = importlib.import_module("fastcog.kernels.lora_linear")
+fp8 = importlib.import_module("fastcog.kernels.lora_linear_fp8")
+label = lambda c: tool.config_label(c.kwargs, c.num_warps, c.num_stages)
+labels = {"fused_mm": [label(c) for c in lora._CONFIGS], "rank": label(lora._RANK_CONFIG),
+          "_quant_lora_kernel": [label(c) for c in fp8._QUANT_CONFIGS],
+          "_fp8_lora_mm_kernel": [label(c) for c in fp8._MM_CONFIGS]}
 runs = []
 for argv in json.loads(sys.argv[2]):
     out = io.StringIO()
@@ -53,8 +61,9 @@ TOO_BIG = "256x256x128:8:4"
 
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory) -> dict:
-    """{"labels": lora_linear's GPU autotune list, "clean" / "too_big": (exit code, stdout, CSV rows)} for
-    the tool run with the kernel's own configs and with TOO_BIG only, both `--arch 90 --cases ci --check`."""
+    """{"labels": the kernels' GPU autotune lists, "clean" / "too_big": (exit code, stdout, CSV rows, out dir)}
+    for the tool run with the kernels' own configs and with fused_mm's TOO_BIG only, both
+    `--arch 90 --cases ci --check`."""
     import json
 
     outs = {"clean": tmp_path_factory.mktemp("clean"), "too_big": tmp_path_factory.mktemp("too_big")}
@@ -77,21 +86,41 @@ def compiled(tmp_path_factory) -> dict:
 def test_autotune_configs_compile_cleanly_for_sm90(compiled):
     code, stdout, rows, out = compiled["clean"]
     assert code == 0, stdout[-3000:]
+    labels = compiled["labels"]
 
-    lora_module = compiled["labels"]
-    gemm = [r for r in rows if r["kernel"] == "_fused_mm_kernel"]
-    # Every autotune config was compiled for every launch of the step, and nothing else.
-    assert {r["config"] for r in gemm} == set(lora_module)
-    for label in lora_module:
-        shapes = sorted(r["shape"] for r in gemm if r["config"] == label)
-        assert shapes == sorted(LORA_LAUNCHES), (label, shapes)
-    assert {r["kernel"] for r in rows} - {"_fused_mm_kernel"} == LOSS_KERNELS
+    gemm = [r for r in rows if r["kernel"] == "_fused_mm_kernel" and r["case"].endswith("bf16")]
+    # Every config the autotuner would time, for every launch of the step: the whole list for the two
+    # fused launches, the rank config alone for the rank-sized ones (S', G', dA, dB).
+    for shape in set(LORA_LAUNCHES):
+        want = labels["fused_mm"] if shape == FUSED else [labels["rank"]]
+        got = sorted(r["config"] for r in gemm if r["shape"] == shape)
+        assert got == sorted(want * LORA_LAUNCHES.count(shape)), (shape, got)
+    assert {r["kernel"] for r in rows} == {"_fused_mm_kernel"} | FP8_KERNELS | LOSS_KERNELS
     for r in rows:
         assert r["compiled"] == "True" and r["problems"] == "", r
         assert int(r["spill_bytes"]) == 0 and 0 < int(r["regs"]) <= 255, r
         assert 0 <= int(r["smem_bytes"]) <= 232_448, r
-    for r in gemm:
-        assert int(r["mma"]) > 0 and r["pipelined"] == "True", r  # wgmma, cp.async K loop
+    for r in rows:
+        if r["kernel"] not in LOSS_KERNELS:
+            assert int(r["mma"]) > 0 and r["pipelined"] == "True", r  # wgmma, cp.async K loop
+            # K = 3072 and the LoRA K (r = 128) are whole tiles; dA / dB reduce over 17,776 tokens (masked).
+            even = r["even_k"].split(",")
+            assert ("EVEN_K" in even) != r["shape"].endswith("x17776"), r
+            if r["kernel"] == "_fused_mm_kernel" and r["shape"].endswith("+128"):
+                assert "EVEN_K2" in even, r
+    for recipe, mma in FP8_MMA.items():
+        case = [r for r in rows if r["case"].endswith(f"fp8 {recipe}")]
+        for kernel in FP8_KERNELS:  # forward, then backward: each with the kernel's whole list
+            got = [r["config"] for r in case if r["kernel"] == kernel]
+            assert got == labels[kernel] * 2, (recipe, kernel, got)
+        mm = [r for r in case if r["kernel"] == "_fp8_lora_mm_kernel"]
+        n = len(labels["_fp8_lora_mm_kernel"])
+        for r, operands in zip(mm, [mma[0]] * n + [mma[1]] * n, strict=True):
+            # The FP8 product on FP8 wgmma, the LoRA K segment on bf16 wgmma.
+            assert f"{operands}: " in r["mma_types"] and "bf16 x bf16: " in r["mma_types"], r
+            assert r["even_k"] == "EVEN_K,EVEN_R", r
+        quant = [r["shape"].split()[-1] for r in case if r["kernel"] == "_quant_lora_kernel"]
+        assert quant == ["e4m3"] * (len(quant) // 2) + [mma[1][:4]] * (len(quant) // 2)  # x, then dy
     (md_file,) = out.glob("kernel_compile_sm90_triton*.md")
     md = md_file.read_text()
     assert "triton" in md and f"{len(rows)} launches, 0 with problems" in md
@@ -102,6 +131,10 @@ def test_a_config_that_cannot_fit_is_reported(compiled):
     code, stdout, rows, _ = compiled["too_big"]
     assert code == 1, stdout[-2000:]
     gemm = [r for r in rows if r["kernel"] == "_fused_mm_kernel"]
-    assert len(gemm) == len(LORA_LAUNCHES) and {r["config"] for r in gemm} == {TOO_BIG}
+    # --configs replaces fused_mm's list, each config on every launch (no pruning to the rank config); the FP8
+    # step, whose fused_mm launches are the bf16 step's, is left out.
+    assert sorted(r["shape"] for r in gemm) == sorted(LORA_LAUNCHES) and {r["config"] for r in gemm} == {TOO_BIG}
     assert all("shared memory" in r["problems"] for r in gemm), gemm
+    assert {r["kernel"] for r in rows} - {"_fused_mm_kernel"} == LOSS_KERNELS
     assert all(r["problems"] == "" for r in rows if r["kernel"] != "_fused_mm_kernel")
+    assert "lora_linear_fp8 launches skipped: --configs" in stdout
