@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,43 +13,18 @@ import yaml
 from safetensors.torch import load_file
 
 from fastcog.config import config_from_dict, validate
-from fastcog.data.prepare import cache_dir_for, prepare
+from fastcog.data.prepare import cache_dir_for, plan, prepare
 from fastcog.errors import DataError, FastcogError
 from fastcog.inputs import check_inputs, make_encoder_factory
 from fastcog.trainer import train
-from tests.media import make_mixed_dataset, truncate_file
-
-SPECS = [  # several sizes, lengths and frame rates
-    {"num_frames": 12, "height": 48, "width": 80, "fps": 8},
-    {"num_frames": 20, "height": 64, "width": 96, "fps": 24},
-    {"num_frames": 5, "height": 60, "width": 60, "fps": 12.5},
-    {"num_frames": 30, "height": 96, "width": 64, "fps": 30},
-    {"num_frames": 9, "height": 64, "width": 96, "fps": 10},
-    {"num_frames": 17, "height": 40, "width": 40, "fps": 15},
-]
+from tests.distributed_runs import mixed_dataset
+from tests.distributed_runs import prepare_config as raw_config
 
 
 @pytest.fixture()
 def mixed(tmp_path) -> Path:
-    root = make_mixed_dataset(tmp_path / "mixed", SPECS, seed=0)
-    videos = (root / "videos.txt").read_text().split()
-    truncate_file(root / videos[1], 0.4)  # one corrupt clip (another landscape clip remains)
-    return root
-
-
-def raw_config(model: Path, data_root: Path, out: Path, **sections) -> dict:
-    raw = {
-        "model": {"path": str(model), "dtype": "fp32"},
-        "data": {"data_root": str(data_root), "num_frames": 9, "height": 64, "width": 96,
-                 "max_failed_fraction": 0.2, "prepare_workers": 0},
-        "lora": {"rank": 4, "alpha": 4},
-        "train": {"output_dir": str(out), "batch_size": 1, "train_steps": 3, "activation_checkpointing": "none"},
-        "checkpoint": {"every_steps": 0},
-        "log": {"report_to": "none", "progress_bar": False},
-    }
-    for name, values in sections.items():
-        raw.setdefault(name, {}).update(values)
-    return raw
+    """tests/distributed_runs.py's MIXED_SPECS: 6 clips of several sizes, lengths and frame rates, one corrupt."""
+    return mixed_dataset(tmp_path / "mixed")
 
 
 def build(raw: dict):
@@ -94,14 +68,23 @@ def test_too_many_failures_stop_the_run(tiny_checkpoint, mixed, tmp_path):
 
 
 def test_cache_key_changes_with_what_changes_the_content(tiny_checkpoint, mixed, tmp_path):
+    """The keys are plan()'s file names, which prepare writes under, so they are compared without encoding
+    5 x 6 clips; one prepare (latent_mode=mean, which no other test encodes with) checks that it writes
+    under the planned names."""
     base = raw_config(tiny_checkpoint("cogvideox-5b"), mixed, tmp_path / "out")
-    names = {}
+    names, cfgs = {}, {}
     for label, data in {"base": {}, "crop": {"resize": "resize_crop"}, "uniform": {"sampling": "uniform"},
                         "mean": {"latent_mode": "mean"}, "size": {"height": 48}}.items():
         raw = json.loads(json.dumps(base))
         raw["data"].update(data)
-        names[label] = {it.latents.name for it in run_prepare(build(raw)).items}
+        cfgs[label] = cfg = build(raw)
+        variant, samples = check_inputs(cfg)
+        names[label] = {it.paths.latents.name for it in plan(cfg, samples, variant.is_i2v)[0]}
+        assert len(names[label]) == 6  # the corrupt clip too: it is keyed before anything decodes it
     assert all(names["base"].isdisjoint(other) for label, other in names.items() if label != "base")
+    written = run_prepare(cfgs["mean"]).items
+    assert len(written) == 5 and {it.latents.name for it in written} < names["mean"]  # all but the corrupt clip
+    assert all(load_file(str(it.latents))["latents"].isfinite().all() for it in written)
 
 
 def test_same_clips_elsewhere_give_the_same_latents(tiny_checkpoint, mixed, tmp_path):
@@ -187,25 +170,18 @@ def test_killed_prepare_resumes_and_leaves_a_valid_cache(tiny_checkpoint, mixed,
         assert load_file(str(cache / "latents" / item["latents"]))["latents"].isfinite().all()
 
 
-def test_torchrun_two_ranks_make_the_same_cache_as_one(tiny_checkpoint, mixed, tmp_path):
-    """`fastcog prepare` under torchrun on 2 ranks (each encodes its share) writes the cache one process
-    writes (`prepare` in this process, as the CLI calls it)."""
-    model = tiny_checkpoint("cogvideox-5b")
-    caches = {}
-    for ranks in (1, 2):
-        raw = raw_config(model, mixed, tmp_path / f"out{ranks}", data={"cache_dir": str(tmp_path / f"cache{ranks}")})
-        if ranks == 1:
-            run_prepare(build(raw))
-        else:
-            cfg_path = tmp_path / f"cfg{ranks}.yaml"
-            cfg_path.write_text(yaml.safe_dump(raw))
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "-m", "fastcog",
-                   "prepare", str(cfg_path)]
-            env = {**os.environ, "OMP_NUM_THREADS": "1"}
-            done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-            assert done.returncode == 0, done.stderr[-3000:]
-            assert "5 encoded, 0 reused, 1 failed" in done.stdout, done.stdout  # rank 0 reports all ranks' work
-        caches[ranks] = cache_contents(tmp_path / f"cache{ranks}")
+def test_torchrun_two_ranks_make_the_same_cache_as_one(tiny_checkpoint, two_rank_launch, tmp_path):
+    """`fastcog prepare` under torchrun on 2 ranks (each encodes its share; the `prepare` run of the suite's
+    shared 2-rank launch, conftest.py, on a `mixed` dataset of its own) writes the cache one process writes
+    (`prepare` in this process, as the CLI calls it, on the same clips)."""
+    root, outcomes = two_rank_launch["distributed"]
+    done = outcomes["prepare"]
+    assert done.status == 0, done.stderr[-3000:]
+    assert "5 encoded, 0 reused, 1 failed" in done.stdout, done.stdout  # rank 0 reports all ranks' work
+    raw = raw_config(tiny_checkpoint("cogvideox-5b"), root / "prepare" / "mixed", tmp_path / "out1",
+                     data={"cache_dir": str(tmp_path / "cache1")})
+    run_prepare(build(raw))
+    caches = {1: cache_contents(tmp_path / "cache1"), 2: cache_contents(root / "prepare" / "cache")}
     assert caches[1].keys() == caches[2].keys() and len(caches[1]) == 10
     for name, tensors in caches[1].items():
         for key, value in tensors.items():
