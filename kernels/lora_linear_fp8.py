@@ -13,32 +13,28 @@ Math (s = LoRA scale; ``q(t), inv(t) = fastcog.fast.fp8.quantize(t, fmt, rowwise
               dx = (dy8 @ q(W^T).T) * dy_inv * wt_inv + G @ A
               dA = G.T @ x,  dB = dy.T @ S,  db = sum_M dy (only when b requires grad); never dW
 
-Launches. ``_quant_lora_kernel`` reads x (or dy) once per row block for both the row amax and S (or G)
-and writes x8, x_inv and S. Rowwise, a row's scale is known only once the row was seen, so a second loop
-over the block (L2-resident) rounds and stores x8; tensorwise, the scale comes from a global amax taken by
-torch first (one reduction) and one loop does everything.
-``_fp8_lora_mm_kernel`` is the output GEMM: FP8 x FP8 with fp32 accumulation, the two inverse scales
-applied to the accumulator, then S @ B.T (G @ A) as extra bf16/fp16 K iterations into the same
-accumulator, the bias, one store in the compute dtype. dA and dB are bf16 GEMMs: ``lora_linear.fused_mm``.
-The forward GEMM accumulates in the FP8 MMA's native (fast, lower) precision, the dx GEMM promotes into
-fp32 once per BLOCK_K, as fastcog.fast.fp8 uses ``_scaled_mm``'s fast accumulation for the forward only.
+Launches. ``_quant_lora_kernel`` reads x (or dy) per row block for the row amax and S (or G), and writes
+x8, x_inv and S. Rowwise, a row's scale is known only after the row, so a second loop rounds and stores
+x8; tensorwise, the scale comes from a global amax taken by torch first and one loop does everything.
+``_fp8_lora_mm_kernel``: FP8 x FP8 with fp32 accumulation, the two inverse scales on the accumulator, then
+S @ B.T (G @ A) as extra bf16/fp16 K iterations into it, the bias, one store. dA, dB: ``lora_linear.fused_mm``.
+The forward GEMM accumulates in the FP8 MMA's native (fast) precision, the dx GEMM promotes into fp32 once
+per BLOCK_K, as fastcog.fast.fp8 uses ``_scaled_mm``'s fast accumulation for the forward only.
 
-Quantisation equals ``fastcog.fast.fp8.quantize`` bit for bit: the same fp64 ``fmax / max(amax, 1e-12)``
-rounded to fp32; rowwise, rounded down to a power of two by keeping the fp32 exponent bits (equal to
-torch's ``exp2(floor(log2(.)))`` since 448 / amax for a bf16 / fp16 amax is never within fp32 rounding of
-a power of two without being one); ``clamp(x * scale, -fmax, fmax)`` rounded to nearest even.
+Quantisation equals ``fastcog.fast.fp8.quantize`` bit for bit: fp64 ``fmax / max(amax, 1e-12)`` rounded to
+fp32; rowwise, rounded down to a power of two by keeping the fp32 exponent bits (torch's
+``exp2(floor(log2(.)))``: 448 / amax of a bf16 / fp16 amax is never within fp32 rounding of a power of two
+without being one); ``clamp(x * scale, -fmax, fmax)`` rounded to nearest even.
 
-Triton interpreter (TRITON_INTERPRET=1, the CPU tests). It loads and stores FP8 as raw bytes (exact) and
-casts FP8 -> fp32 exactly for every finite code, but (triton 3.7.1) its fp32 -> FP8 cast rounds ties away
-from zero and drops the carry of a round-up into the exponent (7.96 -> 4.0 in e4m3), its FP8 dot loses
-the e5m2 subnormals (they become 0), and it decodes the NaN / inf codes as finite numbers. So, under the
-interpreter only (constexprs, the GPU keeps its native cast and FP8 dots): ``EXACT_CAST`` rounds to FP8 by
-integer arithmetic on the fp32 bit pattern, ``EMULATE_FP8`` converts FP8 tiles to fp32 (restoring
-NaN / inf) and multiplies them with an fp32 dot (the products of FP8 values are exact in fp32).
+Triton interpreter (the CPU tests). FP8 loads / stores (raw bytes) and FP8 -> fp32 casts are exact, but
+(triton 3.7.1) its fp32 -> FP8 cast rounds ties away from zero and drops a round-up's carry into the
+exponent (7.96 -> 4.0 in e4m3), its FP8 dot zeroes e5m2 subnormals and decodes NaN / inf as finite. Under
+the interpreter only (constexprs; the GPU keeps its native cast and FP8 dots) ``EXACT_CAST`` rounds by
+integer arithmetic on the fp32 bits and ``EMULATE_FP8`` dots FP8 tiles as fp32 (exact products, NaN / inf kept).
 
 Block sizes. Interpreter: one small config, so the odd test shapes cross tiles and exercise every mask.
-GPU: short autotune lists (FP8 K blocks of 128: wgmma's FP8 K step is 32); ``EVEN_K`` / ``EVEN_R`` drop the K
-masks of whole-tile loops (CogVideoX's K and N: 3072, 12288; r = 128). Not timed on a GPU.
+GPU: short autotune lists (FP8 K blocks of 128: wgmma's FP8 K step is 32); ``EVEN_K`` / ``EVEN_R`` drop the
+K masks of whole-tile loops (CogVideoX's K and N: 3072, 12288; r = 128). Not timed on a GPU.
 
 Layers: kernels -> ``quantize_lora`` / ``fp8_lora_mm`` (launchers) -> ``_lora_fp8_forward`` /
 ``_lora_fp8_backward`` (the launch sequences); custom ops and the public function: ``lora_linear_fp8_op``.
@@ -55,13 +51,8 @@ from .lora_linear import _accumulate, fused_mm
 
 __all__ = ["fp8_lora_mm", "quantize_lora"]
 
-E4M3 = torch.float8_e4m3fn
-E5M2 = torch.float8_e5m2
-# (fmax, mantissa bits, exponent bias) of the two OCP formats.
-_FORMATS = {E4M3: (448.0, 3, 7), E5M2: (57344.0, 2, 15)}
-
-
-# --------------------------------------------------------------------------- device helpers
+E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+_FORMATS = {E4M3: (448.0, 3, 7), E5M2: (57344.0, 2, 15)}  # (fmax, mantissa bits, exponent bias)
 
 
 @triton.jit
@@ -69,16 +60,14 @@ def _to_scale(amax, FP8_MAX: tl.constexpr, POW2: tl.constexpr):
     """fastcog.fast.fp8._amax_to_scale, fp32: fmax / max(amax, 1e-12) in fp64; POW2 rounds down to 2^k."""
     # NaN propagates, as in torch (tl.maximum's default would drop it).
     scale = (FP8_MAX / tl.maximum(amax.to(tl.float64), 1e-12, propagate_nan=tl.PropagateNan.ALL)).to(tl.float32)
-    if POW2:
-        # The exponent bits alone: 2^floor(log2(scale)) for a normal scale; 0 (amax = inf) stays 0.
+    if POW2:  # the exponent bits alone: 2^floor(log2(scale)) for a normal scale; 0 (amax = inf) stays 0
         p2 = (scale.to(tl.int32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)
         scale = tl.where(scale == scale, p2, scale)
     return scale
 
 
 @triton.jit
-def _inverse(scale):
-    # 1 / scale correctly rounded to fp32 (fp64 division then rounding to fp32 cannot double-round).
+def _inverse(scale):  # 1 / scale correctly rounded to fp32 (fp64 division, then fp32: no double rounding)
     return (1.0 / scale.to(tl.float64)).to(tl.float32)
 
 
