@@ -41,8 +41,12 @@ def poisoned_cache(tiny_checkpoint, clips, tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("poisoned")
     cache = root / "cache"
+    # The session's latents of the 4 clips (clips/cache: encoded once per session, by the first run that
+    # needs them, which may be this prepare), copied: a private cache to poison, without encoding them again.
+    assert main(["prepare", config_file(tiny_checkpoint, clips, root / "shared", clips / "cache")]) == 0
+    for folder in ("latents", "prompts"):
+        shutil.copytree(clips / "cache" / folder, cache / folder)
     path = config_file(tiny_checkpoint, clips, root / "run", cache)
-    assert main(["prepare", path]) == 0
     cfg = load_config(path)
     items, _ = plan(cfg, check_inputs(cfg, training=False)[1], need_images=False)
     first = next(iter(BucketBatchSampler([0] * len(items), cfg.train.batch_size, cfg.train.seed)))
