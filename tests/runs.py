@@ -4,6 +4,7 @@ import each other: what several of them need lives here or in conftest.py)."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -30,6 +31,20 @@ def make_cfg(model_path: Path, data_root: Path, out: Path, **sections):
     cfg = config_from_dict(raw)
     validate(cfg)
     return cfg
+
+
+def copy_session_cache(model_path: Path, clips: Path, cache: Path) -> None:
+    """Fill `cache` with copies of the session's cached latents and prompt embeddings of `clips` for
+    make_cfg's runs (clips/cache: encoded once per session, by the first run that needs them, which may be
+    this one): a private cache, complete for those runs, that a test may change or lock without encoding
+    the clips again."""
+    from fastcog.inputs import check_inputs, prepare_dataset
+
+    cfg = make_cfg(model_path, clips, cache.parent / "session-cache-run")
+    variant, samples = check_inputs(cfg, training=False)
+    prepare_dataset(cfg, samples, variant, torch.device("cpu"))
+    for folder in ("latents", "prompts"):
+        shutil.copytree(clips / "cache" / folder, cache / folder, dirs_exist_ok=True)
 
 
 def read_metrics(out: Path) -> list[dict]:

@@ -16,7 +16,7 @@ import fastcog.checkpoint_guard
 from fastcog.checkpoint import list_checkpoints, read_trainable
 from fastcog.cli import main
 from fastcog.config import save_config
-from tests.runs import make_cfg, read_lora, read_metrics
+from tests.runs import copy_session_cache, make_cfg, read_lora, read_metrics
 
 STEPS = 8  # two epochs of the 4 clips at batch 1
 
@@ -41,11 +41,7 @@ def poisoned_cache(tiny_checkpoint, clips, tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("poisoned")
     cache = root / "cache"
-    # The session's latents of the 4 clips (clips/cache: encoded once per session, by the first run that
-    # needs them, which may be this prepare), copied: a private cache to poison, without encoding them again.
-    assert main(["prepare", config_file(tiny_checkpoint, clips, root / "shared", clips / "cache")]) == 0
-    for folder in ("latents", "prompts"):
-        shutil.copytree(clips / "cache" / folder, cache / folder)
+    copy_session_cache(tiny_checkpoint("cogvideox-5b"), clips, cache)  # to poison, without encoding the clips
     path = config_file(tiny_checkpoint, clips, root / "run", cache)
     cfg = load_config(path)
     items, _ = plan(cfg, check_inputs(cfg, training=False)[1], need_images=False)
