@@ -235,15 +235,17 @@ def test_tensorboard_after_resume_shows_each_step_once(tmp_path) -> None:
 
 
 def test_a_complete_cache_in_a_read_only_folder_trains(tmp_path, read_only, tiny_checkpoint, clips) -> None:
-    """A shared, already encoded dataset: training only reads the cache and leaves its reports alone."""
+    """A shared, already encoded dataset: training only reads the cache and leaves its reports alone. (The
+    cache's files are the session's, copied; `fastcog prepare` finds them and writes the reports.)"""
     from fastcog.cli import main
     from fastcog.config import save_config
-    from tests.runs import make_cfg
+    from tests.runs import copy_session_cache, make_cfg
 
     cache = tmp_path / "cache"
     cfg = make_cfg(tiny_checkpoint("cogvideox-5b"), clips, tmp_path / "out", data={"cache_dir": str(cache)},
                    train={"train_steps": 1})
     save_config(cfg, tmp_path / "run.yaml")
+    copy_session_cache(tiny_checkpoint("cogvideox-5b"), clips, cache)
     assert main(["prepare", str(tmp_path / "run.yaml")]) == 0
     reports = {name: (cache / name).stat() for name in ("manifest.json", "failures.jsonl", "notes.jsonl")}
     read_only(cache)
