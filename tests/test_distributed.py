@@ -282,50 +282,42 @@ def child_with_rank(parent: int, rank: int) -> int | None:
     return None
 
 
-class SignalledJob:
-    """A 2-rank `fastcog train` job, in a process group of its own (removed by close()), whose rank 1 is
-    sent a signal once a checkpoint is whole."""
+def signal_rank_1_after_checkpoint_2(raw: dict, sig: signal.Signals, log_path: Path, bound_s: float,
+                                     continue_once_logged: str | None = None) -> tuple[int, float]:
+    """Start a 2-rank job, wait (polling) until checkpoint-2 is whole, send `sig` to rank 1; with
+    `continue_once_logged`, SIGCONT rank 1 once that text is in the job's log.
 
-    def __init__(self, raw: dict, log_path: Path) -> None:
-        self.out, self.log_path, self.victim, self.sent = Path(raw["train"]["output_dir"]), log_path, 0, 0.0
-        with open(log_path, "w") as log:
-            self.proc = subprocess.Popen(torchrun_command(write_config(raw, self.out.name), 2), stdout=log,
-                                         stderr=subprocess.STDOUT, env=env(), start_new_session=True)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def signal_rank_1_after_a_checkpoint(self, sig: signal.Signals) -> None:
-        """Wait (polling) until a checkpoint is whole (checkpoint-2, unless the job ran on meanwhile), then
-        send `sig` to rank 1."""
+    Returns torchrun's exit code and the seconds it took to exit after the signal. The job runs
+    in its own process group, removed whatever happens.
+    """
+    out = Path(raw["train"]["output_dir"])
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(torchrun_command(write_config(raw, out.name), 2), stdout=log,
+                                stderr=subprocess.STDOUT, env=env(), start_new_session=True)
+    try:
         deadline = time.monotonic() + LAUNCH_TIMEOUT_S
-        while not list_checkpoints(self.out):
-            assert time.monotonic() < deadline, "no checkpoint in time"
+        while not (out / "checkpoint-2" / "COMPLETE").is_file():
+            assert time.monotonic() < deadline, "no checkpoint-2 in time"
             with pytest.raises(subprocess.TimeoutExpired):  # the job must still be running
-                self.proc.wait(timeout=0.1)
-        victim = child_with_rank(self.proc.pid, 1)
+                proc.wait(timeout=0.1)
+        victim = child_with_rank(proc.pid, 1)
         assert victim is not None, "rank 1's process not found under the launcher"
         os.kill(victim, sig)
-        self.victim, self.sent = victim, time.monotonic()
-
-    def end(self, bound_s: float, continue_once_logged: str | None = None) -> tuple[int, float]:
-        """With `continue_once_logged`, SIGCONT rank 1 once that text is in the job's log; then torchrun's exit
-        code and the seconds it took to exit after the signal."""
-        while continue_once_logged and continue_once_logged not in self.log():
-            assert time.monotonic() < self.sent + bound_s, f"{continue_once_logged!r} not logged in time"
+        sent = time.monotonic()
+        while continue_once_logged and continue_once_logged not in log_path.read_text(errors="replace"):
+            assert time.monotonic() < sent + bound_s, f"{continue_once_logged!r} not logged in time"
             with contextlib.suppress(subprocess.TimeoutExpired):
-                if self.proc.wait(timeout=0.1) is not None:
+                if proc.wait(timeout=0.1) is not None:
                     break
         if continue_once_logged:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(self.victim, signal.SIGCONT)
-        code = self.proc.wait(timeout=bound_s)
-        return code, time.monotonic() - self.sent
-
-    def close(self) -> None:
+                os.kill(victim, signal.SIGCONT)
+        code = proc.wait(timeout=bound_s)
+        return code, time.monotonic() - sent
+    finally:
         with contextlib.suppress(ProcessLookupError):  # normally torchrun has ended them all already
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait()
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def assert_latest_checkpoint_resumes(data: dict[str, str], out: Path, one_rank: Path, tmp_path: Path) -> None:
@@ -342,70 +334,34 @@ def assert_latest_checkpoint_resumes(data: dict[str, str], out: Path, one_rank: 
 LINUX_PROC = pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds worker pids in /proc (Linux)")
 
 
-@pytest.fixture(scope="module")
-def signalled_jobs(data, tmp_path_factory) -> dict:
-    """The jobs of the two tests below, overlapped. Both train without end (checkpoints every 2 steps, the
-    newest 2 kept) until rank 1 is signalled after the job's first complete checkpoint. `stuck`
-    (parallel.timeout_s 3) has rank 1 SIGSTOPped; then `killed` starts, runs to its first checkpoint and has
-    rank 1 SIGKILLed, while `stuck` sits out its timeout (its ranks idle: one stopped, one waiting in a
-    collective); then `stuck` ends. Starting `killed`'s ranks (~5 s of imports on 2 cores) thus costs no
-    time of its own, and no collective of `stuck`'s but the one that is to time out runs beside that start.
-    name -> (output folder, torchrun's exit code, seconds from the signal to torchrun's exit, the job's log),
-    or the failure that stopped that job's part (each test reports its own job's)."""
-    root = tmp_path_factory.mktemp("signalled")
-    sections = {"train": {"train_steps": 100_000}, "checkpoint": {"every_steps": 2, "limit": 2}}
-    jobs, ends = {}, {}
-
-    def step(name: str, action) -> None:
-        if not isinstance(ends.get(name), BaseException):
-            try:
-                ends[name] = action()
-            except (AssertionError, subprocess.TimeoutExpired) as failure:
-                ends[name] = failure
-
-    try:
-        jobs["stuck"] = SignalledJob(raw_config(data, root / "stuck", ranks=2, parallel={"timeout_s": 3}, **sections),
-                                     root / "stuck.log")
-        step("stuck", lambda: jobs["stuck"].signal_rank_1_after_a_checkpoint(signal.SIGSTOP))
-        jobs["killed"] = SignalledJob(raw_config(data, root / "killed", ranks=2, **sections), root / "killed.log")
-        step("killed", lambda: jobs["killed"].signal_rank_1_after_a_checkpoint(signal.SIGKILL))
-        step("killed", lambda: jobs["killed"].end(bound_s=120))
-        # Rank 1 is continued (SIGCONT) once rank 0 has logged its timeout: a stopped process would hold
-        # torchrun's SIGTERM until torchrun's fixed 30 s grace period ends in a SIGKILL (the launcher's own
-        # behaviour, the same for any stuck worker), which is all this would add to the test's time.
-        step("stuck", lambda: jobs["stuck"].end(bound_s=120, continue_once_logged="Timed out"))
-    finally:
-        for job in jobs.values():
-            job.close()
-    return {name: ends[name] if isinstance(ends[name], BaseException) else (job.out, *ends[name], job.log())
-            for name, job in jobs.items()}
-
-
-def signalled_job(jobs: dict, name: str) -> tuple[Path, int, float, str]:
-    if isinstance(jobs[name], BaseException):
-        raise jobs[name]
-    return jobs[name]
-
-
 @LINUX_PROC
-def test_killed_rank_ends_the_job_and_the_last_checkpoint_loads(data, one_rank, signalled_jobs, tmp_path):
-    """SIGKILL on rank 1: torchrun sees its worker die, stops the other and exits non-zero (within 120 s)."""
-    out, code, took, log = signalled_job(signalled_jobs, "killed")
+def test_killed_rank_ends_the_job_and_the_last_checkpoint_loads(data, one_rank, tmp_path):
+    """SIGKILL on rank 1: torchrun sees its worker die, stops the other and exits non-zero."""
+    out = tmp_path / "killed"
+    raw = raw_config(data, out, ranks=2, train={"train_steps": 100_000}, checkpoint={"every_steps": 2, "limit": 2})
+    code, took = signal_rank_1_after_checkpoint_2(raw, signal.SIGKILL, tmp_path / "torchrun.log", bound_s=120)
     print(f"torchrun exited with {code} {took:.1f} s after rank 1 was killed")
-    assert code != 0, log[-3000:]
+    assert code != 0, (tmp_path / "torchrun.log").read_text()[-3000:]
     assert_latest_checkpoint_resumes(data, out, one_rank, tmp_path)
 
 
 @LINUX_PROC
-def test_stuck_rank_ends_the_job_after_the_timeout(data, one_rank, signalled_jobs, tmp_path):
+def test_stuck_rank_ends_the_job_after_the_timeout(data, one_rank, tmp_path):
     """SIGSTOP on rank 1 (alive, never answering): rank 0's next collective fails after
-    parallel.timeout_s, and the job ends with an error (signalled_jobs continues rank 1 once rank 0 has
-    logged its timeout)."""
-    out, code, took, log = signalled_job(signalled_jobs, "stuck")
+    parallel.timeout_s, and the job ends with an error.
+
+    Rank 1 is continued (SIGCONT) once rank 0 has logged its timeout: a stopped process would hold
+    torchrun's SIGTERM until torchrun's fixed 30 s grace period ends in a SIGKILL (the launcher's own
+    behaviour, the same for any stuck worker), which is all this would add to the test's time."""
+    out = tmp_path / "stuck"
+    raw = raw_config(data, out, ranks=2, train={"train_steps": 100_000}, checkpoint={"every_steps": 2, "limit": 2},
+                     parallel={"timeout_s": 3})
+    code, took = signal_rank_1_after_checkpoint_2(raw, signal.SIGSTOP, tmp_path / "torchrun.log", bound_s=120,
+                                                  continue_once_logged="Timed out")
     print(f"torchrun exited with {code} {took:.1f} s after rank 1 was stopped")
     assert code != 0
     assert took >= 3  # it was the timeout, not something else, that ended it
-    assert "Timed out" in log
+    assert "Timed out" in (tmp_path / "torchrun.log").read_text()
     assert_latest_checkpoint_resumes(data, out, one_rank, tmp_path)
 
 
