@@ -12,6 +12,7 @@ records per run what `fastcog train` would print and whether it raised a Fastcog
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import os
@@ -73,6 +74,32 @@ def write_config(raw: dict, name: str) -> Path:
 
 def env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@functools.cache
+def _vector_isa_probe_done() -> dict[str, str]:
+    """TORCHINDUCTOR_VEC_ISA_OK=1 where this process found every vector ISA the CPU reports usable.
+
+    Before its first C++ kernel, inductor probes each ISA the CPU reports (x86: avx2, avx512, ...) by
+    building and loading a test program, cached in its TORCHINDUCTOR_CACHE_DIR. The launches that compile
+    (the torchao low-bit optimizers' steps) each have a fresh one (conftest.py), so each would build them
+    all again, ~6-8 s of a 2-core machine per launch, to reach the answer this process reaches from its
+    own cache (~2 s, once per session, in the background launches' thread, where start_many is called).
+    When that answer is "every reported ISA works", the launches are told to take the CPU's report as it
+    is, which then picks the same ISA; on any other answer, or another architecture, they probe as before."""
+    import platform
+
+    if platform.machine() not in ("x86_64", "AMD64") or "TORCHINDUCTOR_VEC_ISA_OK" in os.environ:
+        return {}
+    try:
+        from torch._inductor import cpu_vec_isa
+
+        flags = cpu_vec_isa.x86_isa_checker()
+        reported = [str(isa) for isa in cpu_vec_isa.supported_vec_isa_list if all(f in flags for f in str(isa).split())]
+        usable = [str(isa) for isa in cpu_vec_isa.valid_vec_isa_list()]
+    except Exception:  # noqa: BLE001 -- another torch: the launches probe as they would anyway
+        return {}
+    return {"TORCHINDUCTOR_VEC_ISA_OK": "1"} if reported and reported == usable else {}
 
 
 def launch(raw: dict, name: str, nproc: int = 2, script: list[str] | None = None,
@@ -153,7 +180,8 @@ def start_many(runs: dict[str, dict | Call], workdir: Path, nproc: int = 2, cpu_
         cmd = ["chrt", "--idle", "0", *cmd] if shutil.which("chrt") else ["nice", "-n", "19", *cmd]
     # As a module from the repository root: run as a file, its folder tests/ would be on sys.path and
     # tests/kernels would shadow the PyPI package `kernels` that transformers imports.
-    run_env = {**env(), **({"CUDA_VISIBLE_DEVICES": ""} if cpu_only else {}), **(env_vars or {})}
+    run_env = {**env(), **_vector_isa_probe_done(), **({"CUDA_VISIBLE_DEVICES": ""} if cpu_only else {}),
+               **(env_vars or {})}
     with open(workdir / "launch.stdout", "w") as out, open(workdir / "launch.stderr", "w") as err:
         # Its own process group, for `Launch.stop` to end the ranks with the launcher; not a session of its
         # own, which would be scheduled as a group of its own (autogroup), beside this one, whatever its nice.
