@@ -135,13 +135,14 @@ def test_incomplete_checkpoints_are_never_latest(tmp_path):
     assert resolve_resume("latest", tmp_path / "empty") is None
 
 
-def test_refuses_to_overwrite_an_earlier_run(tiny_checkpoint, clips, tmp_path):
-    cfg = make_cfg(tiny_checkpoint("cogvideox-5b"), clips, tmp_path / "run", train={"train_steps": 2})
-    train(cfg)
-    before = (tmp_path / "run" / "metrics.jsonl").read_bytes()
+def test_refuses_to_overwrite_an_earlier_run(tiny_checkpoint, clips, fp32_run):
+    """The same config again, into the finished 2-step run of fp32_run (below; checkpoint-2 in it)."""
+    cfg = make_cfg(tiny_checkpoint("cogvideox-5b"), clips, fp32_run, train=LOW_PRECISION_TRAIN)
+    before = (fp32_run / "metrics.jsonl").read_bytes()
+    assert [s for s, _ in list_checkpoints(fp32_run)] == [2]
     with pytest.raises(ConfigError, match="resume_from=latest"):
         train(cfg)
-    assert (tmp_path / "run" / "metrics.jsonl").read_bytes() == before
+    assert (fp32_run / "metrics.jsonl").read_bytes() == before
 
 
 # bf16 / fp16 against fp32: 2 steps, full checkpointing, the same seed and data. Relative differences of
@@ -157,10 +158,12 @@ LOW_PRECISION_TRAIN = {"train_steps": 2, "activation_checkpointing": "full"}
 
 
 @pytest.fixture(scope="module")
-def fp32_run(tiny_checkpoint, clips, tmp_path_factory) -> list[dict]:
+def fp32_run(tiny_checkpoint, clips, tmp_path_factory) -> Path:
+    """The fp32 reference of test_low_precision_runs (also the earlier run test_refuses_to_overwrite_an_earlier_run
+    runs into): its output folder."""
     out = tmp_path_factory.mktemp("fp32") / "run"
     train(make_cfg(tiny_checkpoint("cogvideox-5b"), clips, out, train=LOW_PRECISION_TRAIN))
-    return read_metrics(out)
+    return out
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
@@ -168,15 +171,15 @@ def test_low_precision_runs(tiny_checkpoint, clips, tmp_path, dtype, fp32_run):
     """bf16 / fp16 weights and autocast train what fp32 trains, within their rounding: the per-step loss
     and the pre-clip gradient norm (fp16: after the loss scale is taken out) follow the fp32 run's, and
     the fp32 adapters are exported in fp32."""
-    out = tmp_path / dtype
+    out, fp32_rows = tmp_path / dtype, read_metrics(fp32_run)
     summary = train(make_cfg(tiny_checkpoint("cogvideox-5b"), clips, out, model={"dtype": dtype},
                              train=LOW_PRECISION_TRAIN))
     rows = read_metrics(out)
     assert [r["step"] for r in rows] == [1, 2] and summary.losses == [r["loss"] for r in rows]
-    for row, want, loss_rtol, norm_rtol in zip(rows, fp32_run, *LOW_PRECISION_RTOL[dtype], strict=True):
-        assert row["loss"] == pytest.approx(want["loss"], rel=loss_rtol), (rows, fp32_run)
-        assert row["grad_norm"] == pytest.approx(want["grad_norm"], rel=norm_rtol), (rows, fp32_run)
-    assert [r["loss"] for r in rows] != [r["loss"] for r in fp32_run]  # it did compute in low precision
+    for row, want, loss_rtol, norm_rtol in zip(rows, fp32_rows, *LOW_PRECISION_RTOL[dtype], strict=True):
+        assert row["loss"] == pytest.approx(want["loss"], rel=loss_rtol), (rows, fp32_rows)
+        assert row["grad_norm"] == pytest.approx(want["grad_norm"], rel=norm_rtol), (rows, fp32_rows)
+    assert [r["loss"] for r in rows] != [r["loss"] for r in fp32_rows]  # it did compute in low precision
     assert {v.dtype for v in read_lora(out).values()} == {torch.float32}
 
 
